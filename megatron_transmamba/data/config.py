@@ -1,0 +1,111 @@
+"""Data options of a pretraining run (the ``data:`` section of a run config).
+
+The seed is not here: it belongs to the training config and is passed to
+``build_pretraining_datasets`` alongside the sequence length and sample counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from megatron_transmamba.data.tokenizer import TOKENIZER_KINDS
+
+_SPLIT_RE = re.compile(r"^\s*\d+(\.\d*)?(\s*,\s*\d+(\.\d*)?){0,2}\s*$")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    data_path: list[str] | None = None
+    """Indexed dataset prefixes (``<prefix>.bin``/``.idx``), optionally interleaved with
+    sampling weights as in megatron: ``["0.7", "a", "0.3", "b"]``. None means the embedded
+    corpus (the Python standard library's sources), prepared under ``cache_dir``."""
+
+    tokenizer: str = "byte"
+    """``"byte"`` (UTF-8 bytes plus EOD, vocab 257) or ``"hf"`` (a tokenizer.json at
+    ``tokenizer_path``). Must be the tokenizer the datasets in ``data_path`` were made with."""
+
+    tokenizer_path: str | None = None
+    """Path to a Hugging Face tokenizer.json containing ``<|endoftext|>``; only for ``"hf"``."""
+
+    split: str = "98,2,0"
+    """Train, validation, test weights of each dataset's documents, comma separated."""
+
+    cache_dir: str = ".cache/megatron_transmamba"
+    """Where the embedded corpus and GPTDataset's sample/shuffle indices are cached."""
+
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0 loads in the training process)."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming ``data.<field>`` for the first bad value (no file access)."""
+        self._validate_data_path()
+        self._validate_tokenizer()
+        self._validate_split()
+        if not isinstance(self.cache_dir, str) or not self.cache_dir:
+            raise ValueError(f"data.cache_dir={self.cache_dir!r}: must be a non-empty path")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"data.num_workers={self.num_workers!r}: must be an int >= 0")
+
+    def blend(self) -> tuple[list[str], list[float] | None] | None:
+        """``data_path`` as megatron's blend: (prefixes, weights or None); None for the
+        embedded corpus."""
+        self._validate_data_path()
+        return parse_data_path(self.data_path) if self.data_path is not None else None
+
+    def _validate_data_path(self) -> None:
+        if self.data_path is None:
+            return
+        if isinstance(self.data_path, str) or not isinstance(self.data_path, (list, tuple)):
+            raise ValueError(
+                f"data.data_path={self.data_path!r}: must be a list of dataset prefixes "
+                "(optionally weighted: ['0.7', 'a', '0.3', 'b']) or None"
+            )
+        if not self.data_path or not all(isinstance(p, str) and p for p in self.data_path):
+            raise ValueError(f"data.data_path={self.data_path!r}: needs non-empty strings")
+        parse_data_path(self.data_path)
+
+    def _validate_tokenizer(self) -> None:
+        if self.tokenizer not in TOKENIZER_KINDS:
+            raise ValueError(f"data.tokenizer={self.tokenizer!r}: expected one of {TOKENIZER_KINDS}")
+        if self.tokenizer == "hf" and not self.tokenizer_path:
+            raise ValueError("data.tokenizer_path must name a tokenizer.json when data.tokenizer='hf'")
+        if self.tokenizer == "byte" and self.tokenizer_path is not None:
+            raise ValueError(
+                f"data.tokenizer_path={self.tokenizer_path!r} is only used with data.tokenizer='hf'"
+            )
+
+    def _validate_split(self) -> None:
+        if not isinstance(self.split, str) or not _SPLIT_RE.match(self.split):
+            raise ValueError(
+                f"data.split={self.split!r}: expected 1 to 3 comma-separated non-negative "
+                "numbers, e.g. '98,2,0'"
+            )
+        if float(self.split.split(",")[0]) <= 0:
+            raise ValueError(f"data.split={self.split!r}: the train weight must be positive")
+
+
+def _as_weight(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None]:
+    """``["a", "b"]`` -> (["a", "b"], None); ``["0.7", "a", "0.3", "b"]`` ->
+    (["a", "b"], [0.7, 0.3]). Unlike megatron's ``get_blend_from_list``, a list that mixes the
+    two forms is an error rather than a list of prefixes."""
+    weights = [_as_weight(text) for text in data_path[0::2]]
+    names_are_weights = [_as_weight(text) is not None for text in data_path[1::2]]
+    if len(data_path) % 2 == 0 and all(w is not None for w in weights) and not any(names_are_weights):
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(
+                f"data.data_path={data_path!r}: weights must be >= 0 and not all zero"
+            )
+        return [p.strip() for p in data_path[1::2]], weights
+    if any(_as_weight(text) is not None for text in data_path):
+        raise ValueError(
+            f"data.data_path={data_path!r}: give either only prefixes or weight, prefix pairs"
+        )
+    return [p.strip() for p in data_path], None

@@ -1,0 +1,188 @@
+"""Pretraining datasets and loaders on megatron-core's GPTDataset.
+
+``build_pretraining_datasets`` turns a ``DataConfig`` into train/valid/test ``GPTDataset``s
+(or ``BlendedDataset``s for weighted blends): documents are packed back to back, EOD between
+them, into samples of ``seq_length + 1`` tokens, shuffled with the run's seed. Loaders walk
+those samples in order with a Megatron-style batch sampler: global micro-batch ``g`` is
+samples ``[g * M * D, (g + 1) * M * D)`` (M micro-batch size, D data-parallel size) and DP rank
+``r`` takes the slice ``[r * M, (r + 1) * M)`` of it, so resuming from a consumed-sample count
+reproduces exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterator, Sequence
+
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from megatron_transmamba.data.config import DataConfig
+from megatron_transmamba.data.embedded_corpus import prepare_default_dataset
+
+
+def _prepare_embedded_corpus(cfg: DataConfig) -> str:
+    """Rank 0 builds the corpus first; the others then find it complete (or, with a
+    node-local cache_dir, build their own identical copy)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed:
+        return prepare_default_dataset(cfg.cache_dir, cfg.tokenizer, cfg.tokenizer_path)
+    if torch.distributed.get_rank() == 0:
+        prefix = prepare_default_dataset(cfg.cache_dir, cfg.tokenizer, cfg.tokenizer_path)
+        torch.distributed.barrier()
+        return prefix
+    torch.distributed.barrier()
+    return prepare_default_dataset(cfg.cache_dir, cfg.tokenizer, cfg.tokenizer_path)
+
+
+def build_pretraining_datasets(
+    cfg: DataConfig,
+    tokenizer,
+    seq_length: int,
+    num_samples: tuple[int, int, int],
+    seed: int,
+    is_built_on_rank: Callable[[], bool] | None = None,
+) -> tuple[GPTDataset | None, GPTDataset | None, GPTDataset | None]:
+    """Train, validation and test datasets (None for a split of weight 0).
+
+    Args:
+        cfg: data options; ``cfg.data_path=None`` builds the embedded corpus first.
+        tokenizer: the tokenizer of the data (``eod``, ``pad``, ``vocab_size``,
+            ``unique_identifiers``), e.g. from ``build_tokenizer(cfg.tokenizer, ...)``.
+        seq_length: tokens per sample T; each sample is ``{"tokens", "labels",
+            "position_ids"}`` int64 [T] and ``"loss_mask"`` float32 [T].
+        num_samples: samples to draw per split; datasets repeat over epochs to reach them.
+        seed: the shuffle seed (from the training config).
+        is_built_on_rank: under torch.distributed, whether this rank builds the datasets
+            (others get None); default every rank. Without torch.distributed it is not called.
+
+    Under torch.distributed, rank 0 writes the sample/shuffle indices to
+    ``<cache_dir>/gpt_indices`` and the other ranks read them there, so that directory
+    must be shared by all nodes (megatron-core's rule).
+    """
+    cfg.validate()
+    if seq_length < 1:
+        raise ValueError(f"seq_length={seq_length}: must be positive")
+    if len(num_samples) != 3:
+        raise ValueError(f"num_samples={num_samples!r}: need (train, valid, test)")
+
+    if cfg.data_path is None:
+        blend = ([_prepare_embedded_corpus(cfg)], None)
+    else:
+        blend = cfg.blend()
+        missing = [p for p in blend[0] if not IndexedDataset.exists(p)]
+        if missing:
+            raise ValueError(
+                f"data.data_path: no indexed dataset (.bin and .idx) at {missing}; "
+                "make them with tools/data/preprocess_data.py"
+            )
+
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=blend,
+        split=cfg.split,
+        path_to_cache=os.path.join(cfg.cache_dir, "gpt_indices"),
+        mmap_bin_files=True,
+        tokenizer=tokenizer,
+        # Attention runs across document boundaries (no per-document masks), so positions and
+        # the loss run across them too; the EOD token is a prediction target like any other.
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    builder = BlendedMegatronDatasetBuilder(
+        GPTDataset, list(num_samples), is_built_on_rank or (lambda: True), config
+    )
+    train, valid, test = builder.build()
+    return train, valid, test
+
+
+class PretrainingBatchSampler:
+    """Megatron's ``MegatronPretrainingSampler``: sequential, deterministic, resumable.
+
+    Yields, for each complete global micro-batch after the first ``consumed_samples``
+    samples, this rank's ``micro_batch_size`` sample indices; an incomplete last global
+    micro-batch is dropped.
+    """
+
+    def __init__(
+        self,
+        total_samples: int,
+        consumed_samples: int,
+        micro_batch_size: int,
+        data_parallel_rank: int,
+        data_parallel_size: int,
+    ) -> None:
+        if micro_batch_size < 1 or data_parallel_size < 1:
+            raise ValueError(
+                f"micro_batch_size={micro_batch_size} and data_parallel_size="
+                f"{data_parallel_size} must be positive"
+            )
+        if not 0 <= data_parallel_rank < data_parallel_size:
+            raise ValueError(
+                f"data_parallel_rank={data_parallel_rank} not in [0, {data_parallel_size})"
+            )
+        global_micro_batch = micro_batch_size * data_parallel_size
+        if consumed_samples < 0 or consumed_samples % global_micro_batch:
+            # A count that is not a whole number of global micro-batches would shift every
+            # later batch against the ones an uninterrupted run sees.
+            raise ValueError(
+                f"consumed_samples={consumed_samples} must be a non-negative multiple of "
+                f"micro_batch_size * data_parallel_size = {global_micro_batch}"
+            )
+        if consumed_samples >= total_samples:
+            raise ValueError(
+                f"consumed_samples={consumed_samples} >= the dataset's {total_samples} samples: "
+                "it is exhausted; build it with more samples"
+            )
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.data_parallel_rank = data_parallel_rank
+        self.global_micro_batch = global_micro_batch
+
+    def __len__(self) -> int:
+        return (self.total_samples - self.consumed_samples) // self.global_micro_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        offset = self.data_parallel_rank * self.micro_batch_size
+        last_start = self.total_samples - self.global_micro_batch
+        for start in range(self.consumed_samples, last_start + 1, self.global_micro_batch):
+            first = start + offset
+            yield list(range(first, first + self.micro_batch_size))
+
+
+def build_data_loader(
+    dataset: Sequence | None,
+    consumed_samples: int,
+    micro_batch_size: int,
+    data_parallel_rank: int,
+    data_parallel_size: int,
+    num_workers: int,
+) -> torch.utils.data.DataLoader | None:
+    """This DP rank's loader over ``dataset`` (None for None), resuming after
+    ``consumed_samples`` samples counted over all DP ranks.
+
+    Each batch: ``"tokens"``, ``"labels"``, ``"position_ids"`` int64 [B, T] and
+    ``"loss_mask"`` float32 [B, T], B = ``micro_batch_size``.
+    """
+    if dataset is None:
+        return None
+    sampler = PretrainingBatchSampler(
+        total_samples=len(dataset),
+        consumed_samples=consumed_samples,
+        micro_batch_size=micro_batch_size,
+        data_parallel_rank=data_parallel_rank,
+        data_parallel_size=data_parallel_size,
+    )
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )

@@ -1,0 +1,49 @@
+"""Core attention for the ``*`` layers through PyTorch SDPA.
+
+megatron-core's local ``DotProductAttention`` materialises the T x T score matrix, which would
+make the Transformer baseline unfairly slow and memory-hungry; this module has the same
+constructor and forward signature and calls ``F.scaled_dot_product_attention`` (flash / cuDNN /
+memory-efficient kernels on GPU). Transformer Engine's attention replaces it when installed
+(``models/specs.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+
+class SDPAttention(MegatronModule):
+    """Causal multi-head / grouped-query attention on megatron layouts [S, B, heads, dim]."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
+                 pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("context_parallel_size > 1 needs Transformer Engine attention for '*' layers")
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            raise ValueError(f"SDPAttention supports causal masks only, got {attn_mask_type}")
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
+                packed_seq_params=None) -> Tensor:
+        """query [S, B, h, d], key/value [S, B, g, d] with h % g == 0 -> [S, B, h*d]."""
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPAttention: packed sequences and attention bias need "
+                                      "Transformer Engine attention")
+        seq_len, batch, heads, dim = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))     # [B, heads, S, d]
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=self.softmax_scale,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=k.shape[1] != heads)
+        return out.permute(2, 0, 1, 3).reshape(seq_len, batch, heads * dim)

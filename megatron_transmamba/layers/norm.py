@@ -1,0 +1,31 @@
+"""RMSNorm that works without apex and under sequence parallelism.
+
+megatron-core's torch norm wrapper refuses sequence parallelism without apex (NOTES), so the
+model uses this one everywhere: y = x / sqrt(mean(x^2) + eps) * weight, computed in float32.
+Under sequence parallelism each rank holds a slice of the sequence, so the weight's gradient is
+partial: the ``sequence_parallel`` attribute tells megatron-core to all-reduce it across the
+tensor-parallel group (finalize_model_grads).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with megatron-core's norm constructor signature ``(config, hidden_size, eps)``."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: Tensor) -> Tensor:
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        h = x.to(acc)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * self.weight.to(acc)).to(x.dtype)

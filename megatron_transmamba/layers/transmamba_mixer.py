@@ -1,0 +1,133 @@
+"""The TransMamba mixer: one layer whose projections serve both attention and Mamba-2.
+
+arXiv 2503.24067 section 2 / DESIGN section 1: ``in_proj`` gives z, x, B, C, dt (Mamba-2
+order); a causal depthwise conv + SiLU runs over x, B, C; then Q = C, K = B, V = x feed
+softmax attention for tokens before the layer's TransPoint and the SSM (started from the Memory
+Converter's exact state) for tokens after it; a grouped RMSNorm (gated by SiLU(z) on SSM tokens
+only) and the shared ``out_proj`` finish the layer. With TransPoint 0 it is a Mamba-2 mixer.
+
+Tensor parallel layout (megatron-core's Mamba layout): each rank owns H/tp heads and G/tp
+groups; its in_proj rows are ``[z_r | x_r | B_r | C_r | dt_r]`` (column-parallel), conv
+channels, A_log, D, dt_bias and norm weight follow its heads, out_proj is row-parallel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import get_pg_size, get_tensor_model_parallel_group_if_none
+from torch import Tensor
+
+from megatron_transmamba.config import TransMambaConfig
+from megatron_transmamba.layers.mixer_core import gated_grouped_rmsnorm, transmamba_core_torch
+
+_CORES = {"torch": transmamba_core_torch}
+
+
+def _mark_tensor_parallel(param: nn.Parameter) -> None:
+    tensor_parallel.set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
+
+
+class TransMambaMixer(MegatronModule):
+    """TransMamba token mixer for input [S, B, d] (megatron layout); returns (out, bias)."""
+
+    def __init__(self, config: TransMambaConfig, transpoint: int, layer_number: int = 1,
+                 tp_group: Optional[torch.distributed.ProcessGroup] = None):
+        super().__init__(config)
+        self.config = config
+        self.transpoint = int(transpoint)
+        self.layer_number = layer_number
+        self.tp_group = get_tensor_model_parallel_group_if_none(tp_group)
+        tp_size = get_pg_size(self.tp_group)
+        H, P, G, N = (config.mamba_num_heads, config.mamba_head_dim, config.mamba_num_groups,
+                      config.mamba_state_dim)
+        if H % tp_size or G % tp_size:
+            raise ValueError(f"mamba_num_heads={H} and mamba_num_groups={G} must be divisible by "
+                             f"the tensor-parallel size {tp_size}")
+        self.heads, self.groups = H // tp_size, G // tp_size          # local to this rank
+        self.head_dim, self.state_dim = P, N
+        self.inner = self.heads * P                                   # local H*P
+        self.conv_channels = self.inner + 2 * self.groups * N
+        self.softmax_scale = 1.0 / math.sqrt(N)
+        self.core = _CORES[config.mixer_backend]
+
+        self.in_proj = tensor_parallel.ColumnParallelLinear(
+            config.hidden_size, 2 * H * P + 2 * G * N + H, config=config,
+            init_method=config.init_method, bias=False, gather_output=False,
+            tp_group=self.tp_group)
+        self.conv1d = nn.Conv1d(self.conv_channels, self.conv_channels, config.mamba_conv_kernel,
+                                groups=self.conv_channels, padding=config.mamba_conv_kernel - 1,
+                                bias=True, dtype=config.params_dtype)
+        self.dt_bias = nn.Parameter(torch.empty(self.heads, dtype=torch.float32))
+        self.A_log = nn.Parameter(torch.empty(self.heads, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(self.heads, dtype=torch.float32))
+        self.norm_weight = nn.Parameter(torch.empty(self.inner, dtype=config.params_dtype))
+        for param in (self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D,
+                      self.norm_weight):
+            _mark_tensor_parallel(param)
+        self.out_proj = tensor_parallel.RowParallelLinear(
+            H * P, config.hidden_size, config=config, init_method=config.output_layer_init_method,
+            bias=False, input_is_parallel=True, skip_bias_add=True, tp_group=self.tp_group)
+        if config.perform_initialization:
+            self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """Mamba-2 initialisation of dt_bias, A_log, D and the norm weight."""
+        cfg = self.config
+        dt = torch.exp(torch.rand(self.heads) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
+                       + math.log(cfg.dt_min)).clamp(min=cfg.dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))        # inverse softplus
+        self.A_log.copy_(torch.log(torch.empty(self.heads).uniform_(*cfg.A_init_range)))
+        self.D.fill_(1.0)
+        self.norm_weight.fill_(1.0)
+
+    def forward(self, hidden_states: Tensor, rotary_pos_emb: Optional[Tensor] = None,
+                **unused) -> tuple[Tensor, None]:
+        """hidden_states: [S, B, d]; rotary_pos_emb: [S_max, 1, 1, N] (megatron RotaryEmbedding)."""
+        projected, _ = self.in_proj(hidden_states)                    # [S, B, local width]
+        projected = projected.transpose(0, 1)                         # [B, S, ...]
+        seq_len = projected.shape[1]
+        z, xBC, dt = torch.split(projected, [self.inner, self.conv_channels, self.heads], dim=-1)
+        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :seq_len]).transpose(1, 2)
+        x, B, C = torch.split(xBC, [self.inner, self.groups * self.state_dim,
+                                    self.groups * self.state_dim], dim=-1)
+        batch = x.shape[0]
+        x = x.reshape(batch, seq_len, self.heads, self.head_dim)
+        B = B.reshape(batch, seq_len, self.groups, self.state_dim)
+        C = C.reshape(batch, seq_len, self.groups, self.state_dim)
+        dt = F.softplus(dt.float() + self.dt_bias).clamp(*self.config.dt_limit)
+        if x.dtype == torch.float64:
+            dt = dt.double()
+        A = -torch.exp(self.A_log.to(dt.dtype))
+
+        rotary = None
+        if rotary_pos_emb is not None and self.config.mixer_position_embedding == "rope":
+            rotary = _rotary_for(rotary_pos_emb)
+        y = self.core(x, dt, A, B, C, self.D.to(dt.dtype), self.transpoint,
+                      self.config.ssd_chunk_size, self.softmax_scale, rotary)  # [B, S, H, P]
+        y = gated_grouped_rmsnorm(y.reshape(batch, seq_len, self.inner), z, self.norm_weight,
+                                  self.groups, self.config.layernorm_epsilon, self.transpoint)
+        out, _ = self.out_proj(y.transpose(0, 1))                     # [S, B, d]
+        return out, None
+
+
+def _rotary_for(freqs: Tensor):
+    """RoPE (rotate-half convention, megatron's RotaryEmbedding layout) for [B, p, G, N]."""
+
+    def apply(t: Tensor) -> Tensor:
+        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+        angles = freqs[: t.shape[1], 0, 0].to(acc)                     # [p, N]
+        cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+        t_acc = t.to(acc)
+        half = t.shape[-1] // 2
+        rotated = torch.cat([-t_acc[..., half:], t_acc[..., :half]], dim=-1)
+        return (t_acc * cos + rotated * sin).to(t.dtype)
+
+    return apply

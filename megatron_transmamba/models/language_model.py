@@ -1,0 +1,79 @@
+"""The TransMamba decoder-only language model (DESIGN section 3).
+
+embedding -> layers of the pattern (``T`` TransMamba, ``M`` Mamba-2, ``*`` attention, ``-``
+MLP, each a pre-norm residual block) -> final RMSNorm -> LM head. Activations are megatron's
+[S, B, d]. With labels, ``forward`` returns the per-token loss [B, S] from megatron-core's
+vocab-parallel cross entropy; without, the logits [B, S, V / tp].
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from torch import Tensor, nn
+
+from megatron_transmamba.config import TransMambaConfig
+from megatron_transmamba.layers.norm import RMSNorm
+from megatron_transmamba.models.specs import layer_specs
+
+
+class TransMambaLanguageModel(MegatronModule):
+    """Decoder-only LM whose layers follow ``config.layer_pattern``."""
+
+    def __init__(self, config: TransMambaConfig, vocab_size: int,
+                 use_transformer_engine: bool = False,
+                 tp_group: Optional[torch.distributed.ProcessGroup] = None):
+        super().__init__(config)
+        self.config = config
+        self.vocab_size = vocab_size
+        self.embedding = LanguageModelEmbedding(config, vocab_size, config.seq_length,
+                                                position_embedding_type="none", tp_group=tp_group)
+        specs = layer_specs(use_transformer_engine)
+        layers = []
+        for index, symbol in enumerate(config.layer_pattern):
+            if symbol in "TM":
+                layers.append(build_module(specs[symbol], config, layer_number=index + 1,
+                                           tp_group=tp_group))
+            else:
+                layers.append(build_module(specs[symbol], config=config, layer_number=index + 1))
+        self.layers = nn.ModuleList(layers)
+        self.final_norm = RMSNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
+        self.output_layer = tensor_parallel.ColumnParallelLinear(
+            config.hidden_size, vocab_size, config=config, init_method=config.init_method,
+            bias=False, gather_output=False, skip_bias_add=False, tp_group=tp_group)
+        # RoPE tables: one for '*' layers (head dim kv_channels), one for mixers (state dim N).
+        self.attention_rope = (RotaryEmbedding(config.kv_channels, 1.0, rotary_base=config.rope_theta,
+                                               use_cpu_initialization=True)
+                               if "*" in config.layer_pattern else None)
+        self.mixer_rope = (RotaryEmbedding(config.mamba_state_dim, 1.0, rotary_base=config.rope_theta,
+                                           use_cpu_initialization=True)
+                           if config.uses_mixer and config.mixer_position_embedding == "rope" else None)
+
+    def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None) -> Tensor:
+        """input_ids, labels: [B, S]. Returns loss [B, S] with labels, else logits [B, S, V/tp]."""
+        seq_len = input_ids.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
+        hidden = self.embedding(input_ids=input_ids, position_ids=position_ids)   # [S, B, d]
+        attention_rope = self.attention_rope(seq_len) if self.attention_rope is not None else None
+        mixer_rope = self.mixer_rope(seq_len) if self.mixer_rope is not None else None
+        for symbol, layer in zip(self.config.layer_pattern, self.layers):
+            rope = mixer_rope if symbol in "TM" else attention_rope
+            hidden, _ = layer(hidden, attention_mask=None, rotary_pos_emb=rope)
+        hidden = self.final_norm(hidden)
+        logits, _ = self.output_layer(hidden)                                      # [S, B, V/tp]
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1))
+        return loss.transpose(0, 1).contiguous()                                    # [B, S]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

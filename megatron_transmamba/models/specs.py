@@ -1,0 +1,77 @@
+"""Layer specs: the one place that says what each layer symbol is built from.
+
+``T`` / ``M``: our TransMamba residual block. ``*``: megatron-core ``TransformerLayer`` with
+``SelfAttention`` (column-parallel QKV, SDPA core attention, row-parallel output projection).
+``-``: megatron-core ``TransformerLayer`` with a SwiGLU ``MLP``. Norms are our
+sequence-parallel-aware ``RMSNorm``. When Transformer Engine is installed and
+``use_transformer_engine`` is set, its fused attention core replaces SDPA.
+"""
+
+from __future__ import annotations
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_transmamba.layers.attention import SDPAttention
+from megatron_transmamba.layers.norm import RMSNorm
+from megatron_transmamba.layers.transmamba_layer import TransMambaLayer
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # TE raises more than ImportError when its CUDA parts are missing
+        return False
+    return True
+
+
+def core_attention_module(use_transformer_engine: bool = False):
+    if use_transformer_engine:
+        if not transformer_engine_available():
+            raise RuntimeError("use_transformer_engine=True but transformer_engine is not installed")
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+        return TEDotProductAttention
+    return SDPAttention
+
+
+def attention_layer_spec(use_transformer_engine: bool = False) -> ModuleSpec:
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=core_attention_module(use_transformer_engine),
+                    linear_proj=RowParallelLinear,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def mlp_layer_spec() -> ModuleSpec:
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=RMSNorm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
+                linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def layer_specs(use_transformer_engine: bool = False) -> dict[str, ModuleSpec]:
+    """Spec of each layer-pattern symbol."""
+    mixer = ModuleSpec(module=TransMambaLayer)
+    return {"T": mixer, "M": mixer, "*": attention_layer_spec(use_transformer_engine),
+            "-": mlp_layer_spec()}

@@ -1,0 +1,141 @@
+"""Start and stop torch.distributed and megatron-core's model-parallel state.
+
+``initialize_distributed`` is the one entry point for every process: under torchrun it reads
+RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, and without them it runs as a
+single process on a free localhost port. With CUDA it uses NCCL on ``cuda:LOCAL_RANK``;
+without CUDA it uses gloo on the CPU and applies ``cpu_compat.apply_cpu_compat()`` first.
+The layout is checked before any rendezvous, so a bad layout fails on every rank at once
+instead of hanging in a collective, and the process group gets a finite timeout.
+"""
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_transmamba.parallel.cpu_compat import apply_cpu_compat
+
+DEFAULT_TIMEOUT_MINUTES = 10
+
+
+@dataclass(frozen=True)
+class DistributedInfo:
+    """What ``initialize_distributed`` set up for this process."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    tensor_model_parallel_size: int
+    pipeline_model_parallel_size: int
+    data_parallel_size: int
+    device: torch.device
+    backend: str
+
+
+def find_free_port() -> int:
+    """A TCP port on localhost that was free a moment ago (the usual race is accepted)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def validate_layout(
+    world_size: int, tensor_model_parallel_size: int, pipeline_model_parallel_size: int
+) -> int:
+    """Return the data-parallel size, or raise ValueError naming the config fields."""
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise ValueError(
+            f"parallel.tensor_model_parallel_size ({tp}) and "
+            f"parallel.pipeline_model_parallel_size ({pp}) must be >= 1"
+        )
+    if world_size % (tp * pp) != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by "
+            f"parallel.tensor_model_parallel_size ({tp}) x "
+            f"parallel.pipeline_model_parallel_size ({pp}) = {tp * pp}; "
+            f"launch a multiple of {tp * pp} processes or change the layout"
+        )
+    return world_size // (tp * pp)
+
+
+def initialize_distributed(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: Optional[int] = None,
+    seed: int = 1234,
+    timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES,
+) -> DistributedInfo:
+    """Initialize torch.distributed, megatron-core's parallel state and all RNGs.
+
+    Seeds follow Megatron-LM: ``seed + 100 * pipeline rank`` for random / numpy / torch, and
+    ``model_parallel_cuda_manual_seed`` for the tensor-parallel RNG tracker (which adds its
+    own per-tensor-parallel-rank offset).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if dist.is_initialized():
+        raise RuntimeError("torch.distributed is already initialized; call destroy_distributed()")
+
+    under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ["RANK"]) if under_launcher else 0
+    world_size = int(os.environ["WORLD_SIZE"]) if under_launcher else 1
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if under_launcher else 0
+    data_parallel_size = validate_layout(
+        world_size, tensor_model_parallel_size, pipeline_model_parallel_size
+    )
+
+    if torch.cuda.is_available():
+        backend, device = "nccl", torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        backend, device = "gloo", torch.device("cpu")
+        apply_cpu_compat()
+
+    if under_launcher:
+        init_method = "env://"
+    else:
+        init_method = f"tcp://127.0.0.1:{find_free_port()}"
+    timeout = timedelta(minutes=timeout_minutes)
+    dist.init_process_group(
+        backend=backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout
+    )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        distributed_timeout_minutes=max(1, round(timeout_minutes)),
+    )
+
+    pipeline_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(pipeline_seed)
+    np.random.seed(pipeline_seed)
+    torch.manual_seed(pipeline_seed)
+    model_parallel_cuda_manual_seed(pipeline_seed)
+
+    return DistributedInfo(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        data_parallel_size=data_parallel_size,
+        device=device,
+        backend=backend,
+    )
+
+
+def destroy_distributed() -> None:
+    """Undo ``initialize_distributed`` so a process (a test) can initialize again."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,256 @@
+"""Run configuration: YAML sections, ``--section.key=value`` overrides, clear errors.
+
+A run config has the sections ``model`` (TransMambaConfig fields), ``data`` (DataConfig),
+``training``, ``checkpoint``, ``logging`` and ``parallel``. Unknown sections or keys are errors
+that name the key and suggest the closest known one; values are type-checked against the field's
+default. The resolved config is written next to checkpoints so a run can be reproduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from megatron_transmamba.config import yaml_fields
+from megatron_transmamba.data.config import DataConfig
+
+_MODEL_FIELDS_SET_ELSEWHERE = {"params_dtype", "bf16", "fp16", "num_layers",
+                               "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                               "sequence_parallel", "context_parallel_size"}
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 4
+    """Sequences per micro-batch on each data-parallel rank."""
+    global_batch_size: Optional[int] = None
+    """Sequences per optimizer step over all ranks (None: micro_batch_size x data-parallel size).
+    Must be a multiple of micro_batch_size x data-parallel size (gradient accumulation)."""
+    train_iters: int = 200
+    """Optimizer steps."""
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    lr_warmup_iters: int = 20
+    lr_decay_style: str = "cosine"
+    """``cosine``, ``linear`` or ``constant`` decay after warmup (megatron-core scheduler)."""
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping (0 disables)."""
+    seed: int = 1234
+    precision: str = "auto"
+    """``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``."""
+    eval_interval: int = 50
+    """Steps between validation-loss evaluations (0 disables)."""
+    eval_iters: int = 10
+    """Validation micro-batches per evaluation."""
+    log_interval: int = 10
+    make_vocab_size_divisible_by: int = 64
+    """The LM head's vocabulary is padded to a multiple of this times the TP size."""
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    """Directory for checkpoints (None: no checkpoints)."""
+    save_interval: int = 100
+    """Steps between checkpoints (the last step is always saved when ``save`` is set)."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in ``save``."""
+    keep_last: int = 2
+    """How many complete checkpoints to keep (0 keeps all)."""
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard_dir: Optional[str] = None
+    """Where TensorBoard scalars go (None: ``<checkpoint.save>/tensorboard`` if saving, else off)."""
+    progress_bar: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: dict = field(default_factory=dict)
+    """Keyword arguments of TransMambaConfig (validated when the model config is built)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"data": DataConfig, "training": TrainingConfig, "checkpoint": CheckpointConfig,
+             "logging": LoggingConfig, "parallel": ParallelConfig}
+
+
+def _unknown(kind: str, key: str, known) -> ValueError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"unknown {kind} {key!r}{hint}")
+
+
+def _coerce(where: str, value: Any, default: Any) -> Any:
+    """Check ``value`` against the type of the field's default; YAML lists become tuples."""
+    if default is None or value is None:
+        return value
+    expected = type(default)
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif expected in (tuple, list):
+        ok = isinstance(value, (list, tuple))
+        value = expected(_inf(v) for v in value) if ok else value
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise ValueError(f"{where}={value!r}: expected {expected.__name__} (default {default!r})")
+    return value
+
+
+def _inf(v):
+    return math.inf if isinstance(v, str) and v.lower() in ("inf", ".inf", "infinity") else v
+
+
+def _model_defaults() -> dict:
+    out = {}
+    for name, f in yaml_fields().items():
+        if name in _MODEL_FIELDS_SET_ELSEWHERE:
+            continue
+        out[name] = f.default if f.default is not dataclasses.MISSING else None
+    return out
+
+
+def build_run_config(raw: dict) -> RunConfig:
+    """RunConfig from a nested dict (a parsed YAML file), with every key checked."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"run config must be a mapping of sections, got {type(raw).__name__}")
+    cfg = RunConfig()
+    for section, values in raw.items():
+        if section != "model" and section not in _SECTIONS:
+            raise _unknown("config section", section, ["model", *_SECTIONS])
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ValueError(f"config section {section!r} must be a mapping, got {values!r}")
+        if section == "model":
+            defaults = _model_defaults()
+            for key, value in values.items():
+                if key not in defaults:
+                    raise _unknown("model key", f"{key}", defaults)
+                cfg.model[key] = _coerce(f"model.{key}", value, defaults[key])
+            continue
+        target = getattr(cfg, section)
+        known = {f.name: f for f in dataclasses.fields(target)}
+        for key, value in values.items():
+            if key not in known:
+                raise _unknown(f"{section} key", key, known)
+            default = getattr(target, key)
+            if section == "data" and key == "data_path" and isinstance(value, str):
+                value = [value]
+            setattr(target, key, _coerce(f"{section}.{key}", value, default))
+    cfg.data.validate()
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: RunConfig) -> None:
+    t = cfg.training
+    for name in ("micro_batch_size", "train_iters", "eval_iters", "log_interval"):
+        if getattr(t, name) < 1:
+            raise ValueError(f"training.{name}={getattr(t, name)}: must be >= 1")
+    for name in ("lr_warmup_iters", "eval_interval"):
+        if getattr(t, name) < 0:
+            raise ValueError(f"training.{name}={getattr(t, name)}: must be >= 0")
+    if t.global_batch_size is not None and (t.global_batch_size < 1
+                                            or t.global_batch_size % t.micro_batch_size):
+        raise ValueError(f"training.global_batch_size={t.global_batch_size}: must be a positive "
+                         f"multiple of training.micro_batch_size={t.micro_batch_size}")
+    if t.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"training.precision={t.precision!r}: expected 'auto', 'bf16' or 'fp32'")
+    if t.lr_decay_style not in ("cosine", "linear", "constant"):
+        raise ValueError(f"training.lr_decay_style={t.lr_decay_style!r}: expected cosine, linear or constant")
+    if not 0 <= t.min_lr <= t.lr:
+        raise ValueError(f"training.min_lr={t.min_lr}: must be in [0, training.lr={t.lr}]")
+    c = cfg.checkpoint
+    if c.save_interval < 1:
+        raise ValueError(f"checkpoint.save_interval={c.save_interval}: must be >= 1")
+    if c.resume and not c.save:
+        raise ValueError("checkpoint.resume=true needs checkpoint.save (the directory to resume from)")
+    p = cfg.parallel
+    if p.tensor_model_parallel_size < 1 or p.pipeline_model_parallel_size < 1:
+        raise ValueError("parallel.tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1")
+    if p.pipeline_model_parallel_size > 1:
+        raise ValueError("parallel.pipeline_model_parallel_size > 1 is not supported yet "
+                         "(pipeline parallelism lands with issue #5)")
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``--section.key=value`` (or ``--section.key value``) into a nested dict; values are YAML."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ValueError(f"override {arg!r}: expected --section.key=value (e.g. --training.lr=3e-4)")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ValueError(f"override {arg!r} has no value")
+            key, text = arg[2:], args[i + 1]
+            i += 1
+        section, name = key.split(".", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"override --{key}: cannot parse value {text!r}: {err}") from None
+        out.setdefault(section, {})[name] = value
+        i += 1
+    return out
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in (base or {}).items()}
+    for section, values in overrides.items():
+        current = merged.get(section) or {}
+        if not isinstance(current, dict):
+            raise ValueError(f"config section {section!r} must be a mapping")
+        merged[section] = {**current, **values}
+    return merged
+
+
+def load_run_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config (or none: defaults) and apply command-line overrides."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ValueError(f"config file {path!r} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {path!r} is not valid YAML: {err}") from None
+    return build_run_config(merge(raw, parse_overrides(list(overrides))))
