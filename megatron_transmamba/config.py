@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -96,7 +97,10 @@ class TransMambaConfig(TransformerConfig):
         self._validate_mixer()
         self._validate_scan()
         self.transpoints = self._resolve_transpoints()
-        super().__post_init__()
+        with warnings.catch_warnings():
+            # megatron-core 0.16 warns about its own default cuda_graph_scope on every config.
+            warnings.filterwarnings("ignore", message="full scope is deprecated")
+            super().__post_init__()
 
     def _validate_pattern(self):
         bad = sorted(set(self.layer_pattern) - set(LAYER_SYMBOLS))

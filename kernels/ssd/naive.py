@@ -1,7 +1,7 @@
 """Plain-PyTorch references for the Mamba-2 SSD scan, the specification of the SSD kernels.
 
 Both functions compute the selective state space recurrence of Mamba-2 (Dao & Gu 2024,
-"Transformers are SSMs", eq. 1-2 with scalar-times-identity A; TransMamba DESIGN.md 1.5):
+"Transformers are SSMs", eq. 1 with A_t = exp(A dt_t) a scalar times identity; DESIGN.md 1.5):
 ``S_t = exp(A dt_t) S_{t-1} + dt_t x_t (x) B_t`` and ``y_t = S_t C_t + D x_t``, optionally
 gated by ``silu(z_t)``. ``ssd_recurrent_naive`` runs it token by token and is the spec;
 ``chunk_ssd_naive`` computes the same function with the chunked SSD algorithm (paper section 6:
@@ -53,7 +53,8 @@ def _check_inputs(x, dt, A, B, C, D, z, dt_bias, dt_limit):
         raise _shape_error("B", f"[B, T, G, N] = [{batch}, {seqlen}, G, N]", B)
     groups, state_dim = B.shape[2], B.shape[3]
     if groups == 0 or heads % groups != 0:
-        raise _shape_error("B", f"[B, T, G, N] with G dividing H = {heads} (head h reads group h // (H // G))", B)
+        expected = f"[B, T, G, N] with G dividing H = {heads} (head h reads group h // (H // G))"
+        raise _shape_error("B", expected, B)
     if C.shape != B.shape:
         raise _shape_error("C", f"[B, T, G, N] = {list(B.shape)} (same as B)", C)
     if dt.shape != (batch, seqlen, heads):
@@ -80,8 +81,13 @@ def _documents(dims, seq_idx, cu_seqlens):
                 f"seq_idx must be an integer tensor of shape [B, T] = [{batch}, {seqlen}], "
                 f"got {seq_idx.dtype} {tuple(seq_idx.shape)}"
             )
-        if seqlen > 1 and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
-            raise ValueError("seq_idx must be non-decreasing along T (documents are contiguous)")
+        decreasing = torch.nonzero(seq_idx[:, 1:] < seq_idx[:, :-1])
+        if len(decreasing) > 0:
+            row, t = decreasing[0].tolist()
+            raise ValueError(
+                f"seq_idx must be non-decreasing along T (documents are contiguous), "
+                f"got {seq_idx[row, t].item()} then {seq_idx[row, t + 1].item()} in row {row} at t = {t + 1}"
+            )
     if cu_seqlens is not None:
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
             raise ValueError(
@@ -99,7 +105,7 @@ def _documents(dims, seq_idx, cu_seqlens):
             changes = (torch.nonzero(seq_idx[0, 1:] != seq_idx[0, :-1]).flatten() + 1).tolist()
             if starts != changes:
                 raise ValueError(
-                    f"seq_idx [B, T] disagrees with cu_seqlens: documents start at {changes}, expected {starts}"
+                    f"seq_idx must start documents where cu_seqlens does, at t = {starts}, got {changes}"
                 )
         return docs
     if seq_idx is not None:
@@ -264,7 +270,8 @@ def ssd_recurrent_naive(
     x, dt, A, B, C, D, z, dt_bias, initial_states = (
         None if t is None else t.to(dtype) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states)
     )
-    batch, seqlen, heads, head_dim, state_dim = dims.batch, dims.seqlen, dims.heads, dims.head_dim, dims.state_dim
+    batch, seqlen, heads, head_dim = x.shape
+    state_dim = dims.state_dim
 
     dt = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit)  # [B, T, H]
     heads_per_group = heads // dims.groups
@@ -282,16 +289,19 @@ def ssd_recurrent_naive(
             doc_of_token[doc.row, doc.start : doc.end] = d
             doc_starts[doc.row, doc.start] = True
             docs_ending_at[doc.end - 1].append(d)
+    start_times = set(torch.nonzero(doc_starts.any(0)).flatten().tolist())
     doc_of_token, doc_starts = doc_of_token.to(x.device), doc_starts.to(x.device)
 
+    decay = torch.exp(A * dt)  # [B, T, H]
+    x_dt = x * dt[..., None]  # [B, T, H, P]
     final_states = list(initial_states.unbind(0))  # an empty document keeps its initial state
     state = x.new_zeros(batch, heads, head_dim, state_dim)  # [B, H, P, N]
     ys = []
     for t in range(seqlen):
-        state = torch.where(doc_starts[:, t, None, None, None], initial_states[doc_of_token[:, t]], state)
-        decay = torch.exp(A * dt[:, t])  # [B, H]
-        update = torch.einsum("bhp,bhn->bhpn", dt[:, t, :, None] * x[:, t], B[:, t])
-        state = decay[:, :, None, None] * state + update
+        if t in start_times:  # a document starts here in some row: reload its initial state
+            fresh = initial_states[doc_of_token[:, t]]
+            state = torch.where(doc_starts[:, t, None, None, None], fresh, state)
+        state = decay[:, t, :, None, None] * state + x_dt[:, t, :, :, None] * B[:, t, :, None, :]
         ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))  # [B, H, P]
         for d in docs_ending_at[t]:
             final_states[d] = state[docs[d].row]
@@ -335,7 +345,8 @@ def chunk_ssd_naive(
     x, dt, A, B, C, D, z, dt_bias, initial_states = (
         None if t is None else t.to(dtype) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states)
     )
-    batch, seqlen, heads, head_dim, state_dim = dims.batch, dims.seqlen, dims.heads, dims.head_dim, dims.state_dim
+    batch, seqlen, heads, head_dim = x.shape
+    state_dim = dims.state_dim
     groups, heads_per_group = dims.groups, dims.heads // dims.groups
 
     dt = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit)  # [B, T, H]

@@ -78,9 +78,6 @@ def initialize_distributed(
     ``model_parallel_cuda_manual_seed`` for the tensor-parallel RNG tracker (which adds its
     own per-tensor-parallel-rank offset).
     """
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
     if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialized; call destroy_distributed()")
 
@@ -91,6 +88,10 @@ def initialize_distributed(
     data_parallel_size = validate_layout(
         world_size, tensor_model_parallel_size, pipeline_model_parallel_size
     )
+
+    # Imported after the layout check, so a bad layout fails before megatron's slow import.
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     if torch.cuda.is_available():
         backend, device = "nccl", torch.device("cuda", local_rank)
