@@ -14,6 +14,7 @@ channels, A_log, D, dt_bias and norm weight follow its heads, out_proj is row-pa
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Optional
 
 import torch
@@ -25,6 +26,7 @@ from megatron.core.utils import get_pg_size, get_tensor_model_parallel_group_if_
 from torch import Tensor
 
 from megatron_transmamba.config import TransMambaConfig
+from megatron_transmamba.layers.rotary import apply_rope
 from megatron_transmamba.layers.mixer_core import gated_grouped_rmsnorm, transmamba_core_torch
 
 _CORES = {"torch": transmamba_core_torch}
@@ -109,7 +111,7 @@ class TransMambaMixer(MegatronModule):
 
         rotary = None
         if rotary_pos_emb is not None and self.config.mixer_position_embedding == "rope":
-            rotary = _rotary_for(rotary_pos_emb)
+            rotary = partial(apply_rope, table=rotary_pos_emb)
         y = self.core(x, dt, A, B, C, self.D.to(dt.dtype), self.transpoint,
                       self.config.ssd_chunk_size, self.softmax_scale, rotary)  # [B, S, H, P]
         y = gated_grouped_rmsnorm(y.reshape(batch, seq_len, self.inner), z, self.norm_weight,
@@ -117,17 +119,3 @@ class TransMambaMixer(MegatronModule):
         out, _ = self.out_proj(y.transpose(0, 1))                     # [S, B, d]
         return out, None
 
-
-def _rotary_for(freqs: Tensor):
-    """RoPE (rotate-half convention, megatron's RotaryEmbedding layout) for [B, p, G, N]."""
-
-    def apply(t: Tensor) -> Tensor:
-        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-        angles = freqs[: t.shape[1], 0, 0].to(acc)                     # [p, N]
-        cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
-        t_acc = t.to(acc)
-        half = t.shape[-1] // 2
-        rotated = torch.cat([-t_acc[..., half:], t_acc[..., :half]], dim=-1)
-        return (t_acc * cos + rotated * sin).to(t.dtype)
-
-    return apply

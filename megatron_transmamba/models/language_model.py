@@ -12,14 +12,15 @@ from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from torch import Tensor, nn
 
 from megatron_transmamba.config import TransMambaConfig
 from megatron_transmamba.layers.norm import RMSNorm
+from megatron_transmamba.layers.rotary import rope_table
 from megatron_transmamba.models.specs import layer_specs
 
 
@@ -31,6 +32,7 @@ class TransMambaLanguageModel(MegatronModule):
                  tp_group: Optional[torch.distributed.ProcessGroup] = None):
         super().__init__(config)
         self.config = config
+        self.model_type = ModelType.encoder_or_decoder   # read by megatron-core's schedules
         self.vocab_size = vocab_size
         self.embedding = LanguageModelEmbedding(config, vocab_size, config.seq_length,
                                                 position_embedding_type="none", tp_group=tp_group)
@@ -47,13 +49,17 @@ class TransMambaLanguageModel(MegatronModule):
         self.output_layer = tensor_parallel.ColumnParallelLinear(
             config.hidden_size, vocab_size, config=config, init_method=config.init_method,
             bias=False, gather_output=False, skip_bias_add=False, tp_group=tp_group)
-        # RoPE tables: one for '*' layers (head dim kv_channels), one for mixers (state dim N).
-        self.attention_rope = (RotaryEmbedding(config.kv_channels, 1.0, rotary_base=config.rope_theta,
-                                               use_cpu_initialization=True)
-                               if "*" in config.layer_pattern else None)
-        self.mixer_rope = (RotaryEmbedding(config.mamba_state_dim, 1.0, rotary_base=config.rope_theta,
-                                           use_cpu_initialization=True)
-                           if config.uses_mixer and config.mixer_position_embedding == "rope" else None)
+        self.attention_rope_dim = config.kv_channels if "*" in config.layer_pattern else None
+        self.mixer_rope_dim = (config.mamba_state_dim if config.uses_mixer
+                               and config.mixer_position_embedding == "rope" else None)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """megatron-core's schedules hand a pipeline stage its input activations here; with one
+        stage it is None (pipeline stages: TODO(#5))."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        if input_tensor is not None:
+            raise NotImplementedError("pipeline parallelism lands with issue #5")
 
     def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None) -> Tensor:
@@ -62,8 +68,12 @@ class TransMambaLanguageModel(MegatronModule):
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
         hidden = self.embedding(input_ids=input_ids, position_ids=position_ids)   # [S, B, d]
-        attention_rope = self.attention_rope(seq_len) if self.attention_rope is not None else None
-        mixer_rope = self.mixer_rope(seq_len) if self.mixer_rope is not None else None
+        # RoPE tables: '*' layers rotate their head dim, mixers their state dim N.
+        attention_rope = mixer_rope = None
+        if self.attention_rope_dim:
+            attention_rope = rope_table(seq_len, self.attention_rope_dim, self.config.rope_theta, input_ids.device)
+        if self.mixer_rope_dim:
+            mixer_rope = rope_table(seq_len, self.mixer_rope_dim, self.config.rope_theta, input_ids.device)
         for symbol, layer in zip(self.config.layer_pattern, self.layers):
             rope = mixer_rope if symbol in "TM" else attention_rope
             hidden, _ = layer(hidden, attention_mask=None, rotary_pos_emb=rope)
@@ -71,7 +81,7 @@ class TransMambaLanguageModel(MegatronModule):
         logits, _ = self.output_layer(hidden)                                      # [S, B, V/tp]
         if labels is None:
             return logits.transpose(0, 1).contiguous()
-        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1))
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
         return loss.transpose(0, 1).contiguous()                                    # [B, S]
 
 

@@ -52,6 +52,9 @@ class TrainingConfig:
     eval_iters: int = 10
     """Validation micro-batches per evaluation."""
     log_interval: int = 10
+    exit_at_step: Optional[int] = None
+    """Stop after this step (saving a checkpoint when checkpoint.save is set), e.g. to fit a job
+    into a time slot; resuming continues the same schedule up to train_iters."""
     make_vocab_size_divisible_by: int = 64
     """The LM head's vocabulary is padded to a multiple of this times the TP size."""
 
@@ -189,6 +192,9 @@ def _validate(cfg: RunConfig) -> None:
     for name in ("lr_warmup_iters", "eval_interval"):
         if getattr(t, name) < 0:
             raise ValueError(f"training.{name}={getattr(t, name)}: must be >= 0")
+    if t.lr_warmup_iters >= t.train_iters:
+        raise ValueError(f"training.lr_warmup_iters={t.lr_warmup_iters} must be smaller than "
+                         f"training.train_iters={t.train_iters}")
     if t.global_batch_size is not None and (t.global_batch_size < 1
                                             or t.global_batch_size % t.micro_batch_size):
         raise ValueError(f"training.global_batch_size={t.global_batch_size}: must be a positive "

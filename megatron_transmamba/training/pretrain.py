@@ -66,7 +66,8 @@ def _forward_step(data_iterator: Iterator, model, device: torch.device):
 
     def loss_func(output):
         loss = (output.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
-        return loss, {"lm loss": loss.detach()}
+        # megatron-core divides the returned loss in place by the micro-batch count: report a copy
+        return loss, {"lm loss": loss.detach().clone()}
 
     return losses, loss_func
 
@@ -253,13 +254,18 @@ def _pretrain(cfg: RunConfig, info, start_time: float) -> TrainResult:
             result.valid_losses[step] = evaluate()
             log.line(f"step {step:>6} | validation loss {result.valid_losses[step]:.4f}")
             log.scalars(step, **{"loss/validation": result.valid_losses[step]})
-        if cfg.checkpoint.save and (step % cfg.checkpoint.save_interval == 0 or step == t.train_iters):
+        stopping = step == t.exit_at_step
+        if cfg.checkpoint.save and (step % cfg.checkpoint.save_interval == 0
+                                    or step == t.train_iters or stopping):
             path = ckpt.save_checkpoint(cfg.checkpoint.save, step, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
                 "consumed_samples": consumed, "config": cfg.to_dict()},
                 keep_last=cfg.checkpoint.keep_last)
             log.line(f"step {step:>6} | saved {path}")
+        if stopping:
+            log.line(f"step {step:>6} | stopping (training.exit_at_step)")
+            break
     log.close()
     result.seconds = time.time() - start_time
     return result
