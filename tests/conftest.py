@@ -13,3 +13,14 @@ if _TESTS not in sys.path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def megatron_single_process():
+    """A one-process gloo group with megatron-core's parallel state (TP = PP = 1), torn down
+    after the module so later tests can initialise their own."""
+    from megatron_transmamba.parallel.initialize import destroy_distributed, initialize_distributed
+
+    info = initialize_distributed(seed=1234)
+    yield info
+    destroy_distributed()

@@ -11,16 +11,36 @@ reproduces exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Callable, Iterator, Sequence
 
 import torch
+from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_transmamba.data.config import DataConfig
 from megatron_transmamba.data.embedded_corpus import prepare_default_dataset
+
+
+class _DatasetBuilder(BlendedMegatronDatasetBuilder):
+    """megatron-core's builder, runnable without torch.distributed for weighted blends."""
+
+    @staticmethod
+    def build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args):
+        if cls is BlendedDataset and not torch.distributed.is_initialized():
+            # BlendedDataset calls torch.distributed.get_rank() on an index-cache miss, which
+            # raises without a process group; uncached, it builds its (cheap) blending indices
+            # in memory instead. The mid-level GPTDatasets keep their cache.
+            *rest, config = args
+            config = copy.copy(config)
+            config.path_to_cache = None
+            args = (*rest, config)
+        return BlendedMegatronDatasetBuilder.build_generic_dataset(
+            cls, is_built_on_rank, synchronize_ranks, *args
+        )
 
 
 def _prepare_embedded_corpus(cfg: DataConfig) -> str:
@@ -94,11 +114,32 @@ def build_pretraining_datasets(
         eod_mask_loss=False,
         create_attention_mask=False,
     )
-    builder = BlendedMegatronDatasetBuilder(
+    _check_splits_have_documents(blend[0], config.split_matrix, cfg.split)
+    builder = _DatasetBuilder(
         GPTDataset, list(num_samples), is_built_on_rank or (lambda: True), config
     )
     train, valid, test = builder.build()
     return train, valid, test
+
+
+def _check_splits_have_documents(
+    prefixes: list[str], split_matrix: list[tuple[float, float] | None], split: str
+) -> None:
+    """GPTDataset loops forever looking for enough epochs when a split it builds holds no
+    tokens, so refuse that up front (same document ranges as megatron's builder)."""
+    names = ("train", "valid", "test")
+    for prefix in prefixes:
+        num_documents = len(IndexedDataset(prefix).sequence_lengths)
+        for name, bookends in zip(names, split_matrix):
+            if bookends is None:
+                continue
+            begin = int(round(bookends[0] * num_documents))
+            end = int(round(bookends[1] * num_documents))
+            if end <= begin:
+                raise ValueError(
+                    f"data.split={split!r} gives the {name} split none of the {num_documents} "
+                    f"documents of {prefix}; give that split weight 0 or use more documents"
+                )
 
 
 class PretrainingBatchSampler:

@@ -16,6 +16,8 @@ from megatron_transmamba.config import TransMambaConfig
 from megatron_transmamba.layers.memory_converter import memory_converter
 from megatron_transmamba.layers.transmamba_mixer import TransMambaMixer
 
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
+
 HIDDEN, H, P, G, N, W, CHUNK = 16, 4, 8, 2, 6, 4, 16
 
 
