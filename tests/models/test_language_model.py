@@ -1,0 +1,100 @@
+"""The language model: every layer type, baselines expressible, SDPA attention exact."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_transmamba.config import TransMambaConfig
+from megatron_transmamba.layers.attention import SDPAttention
+from megatron_transmamba.models.language_model import TransMambaLanguageModel, count_parameters
+
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
+
+SMALL = dict(hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, mamba_num_heads=4,
+             mamba_num_groups=2, mamba_head_dim=8, mamba_state_dim=8, seq_length=40,
+             ssd_chunk_size=16, use_cpu_initialization=True)
+
+
+def build(pattern, dtype=torch.float32, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = TransMambaConfig(**{**SMALL, "params_dtype": dtype, "layer_pattern": pattern, **kw})
+    return TransMambaLanguageModel(cfg, vocab_size=64).to(dtype)
+
+
+@pytest.mark.parametrize("pattern", ["T-T-", "M-M-", "*-*-", "M-*-T-"])
+def test_forward_backward_every_layer_type(pattern):
+    model = build(pattern, transpoint_schedule="fixed", transpoint_values=[17]) if "T" in pattern else \
+        build(pattern, transpoint_schedule="mamba")
+    tokens = torch.randint(0, 64, (2, 40))
+    loss = model(tokens, labels=torch.roll(tokens, -1, 1))
+    assert loss.shape == (2, 40) and torch.isfinite(loss).all()
+    loss.mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # cross entropy of an untrained model is about ln(vocab)
+    assert abs(loss.mean().item() - math.log(64)) < 1.0
+
+
+def test_loss_is_cross_entropy_of_logits():
+    model = build("T-*-", transpoint_schedule="transformer")
+    tokens = torch.randint(0, 64, (2, 40))
+    labels = torch.roll(tokens, -1, 1)
+    logits = model(tokens)
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), labels.reshape(-1), reduction="none")
+    torch.testing.assert_close(model(tokens, labels=labels).reshape(-1), want)
+
+
+def test_mamba_layer_is_transmamba_layer_with_transpoint_zero():
+    tokens = torch.randint(0, 64, (2, 40))
+    m = build("M-", dtype=torch.float64, seed=3)
+    t = build("T-", dtype=torch.float64, seed=3, transpoint_schedule="fixed", transpoint_values=[0])
+    assert m.layers[0].transpoint == 0 == t.layers[0].transpoint
+    torch.testing.assert_close(m(tokens), t(tokens), rtol=0, atol=0)
+
+
+def test_causality_and_transpoint_are_per_position():
+    """Changing token 30 changes no logit before position 30, whatever the TransPoint."""
+    model = build("T-T-", dtype=torch.float64, transpoint_schedule="list", transpoint_values=[10, 35])
+    tokens = torch.randint(0, 64, (1, 40))
+    changed = tokens.clone()
+    changed[0, 30] = (changed[0, 30] + 1) % 64
+    a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :30], b[:, :30], rtol=0, atol=1e-12)
+    assert (a[:, 30:] - b[:, 30:]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("groups", [4, 2])
+def test_sdpa_attention_equals_megatron_dot_product_attention(groups):
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    cfg = TransMambaConfig(**{**SMALL, "layer_pattern": "*-", "num_query_groups": groups,
+                              "params_dtype": torch.float64})
+    ours = SDPAttention(cfg, 1, AttnMaskType.causal, "self")
+    ref = DotProductAttention(cfg, 1, AttnMaskType.causal, "self")
+    S, B, h, d = 23, 2, 4, cfg.kv_channels
+    q = torch.randn(S, B, h, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(S, B, groups, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(S, B, groups, d, dtype=torch.float64, requires_grad=True)
+    mask = torch.triu(torch.ones(1, 1, S, S, dtype=torch.bool), 1)
+    out = ours(q, k, v, None)
+    want = ref(q, k, v, mask)
+    torch.testing.assert_close(out, want)
+    g_out = torch.autograd.grad(out.sum(), (q, k, v))
+    g_ref = torch.autograd.grad(want.sum(), (q, k, v))
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_parameter_count_of_the_400m_layout_matches_the_formula():
+    """DESIGN section 3 layout, scaled down 8x in width: count = formula."""
+    d, ffn, H, P, G, N, W, V = 192, 512, 16, 12, 16, 12, 4, 64
+    model = TransMambaLanguageModel(TransMambaConfig(
+        layer_pattern="T-" * 3, hidden_size=d, ffn_hidden_size=ffn, num_attention_heads=16,
+        mamba_num_heads=H, mamba_num_groups=G, mamba_head_dim=P, mamba_state_dim=N, seq_length=64,
+        use_cpu_initialization=True), vocab_size=V)
+    conv = H * P + 2 * G * N
+    mixer = d * (2 * H * P + 2 * G * N + H) + conv * W + conv + 3 * H + H * P + H * P * d + d
+    mlp = d * 2 * ffn + ffn * d + d
+    assert count_parameters(model) == 3 * (mixer + mlp) + 2 * V * d + d
