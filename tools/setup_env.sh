@@ -14,8 +14,15 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 if [ ! -f "$stamp" ] || [ "$root/setup.py" -nt "$stamp" ]; then
-  "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q "torch==2.13.0"
-  "$venv/bin/python" -m pip install -q -e "$root[test]"
+  echo "setting up $venv (first run only) ..." >&2
+  log="$(mktemp)"
+  if ! { "$venv/bin/python" -m pip install -q --upgrade pip &&
+         "$venv/bin/python" -m pip install -q "torch==2.13.0" &&
+         "$venv/bin/python" -m pip install -q -e "$root[test]"; } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "error: installing the environment failed (log above)" >&2
+    exit 1
+  fi
+  rm -f "$log"
   touch "$stamp"
 fi

@@ -67,9 +67,13 @@ class DataConfig:
 
     def _validate_tokenizer(self) -> None:
         if self.tokenizer not in TOKENIZER_KINDS:
-            raise ValueError(f"data.tokenizer={self.tokenizer!r}: expected one of {TOKENIZER_KINDS}")
+            raise ValueError(
+                f"data.tokenizer={self.tokenizer!r}: expected one of {TOKENIZER_KINDS}"
+            )
         if self.tokenizer == "hf" and not self.tokenizer_path:
-            raise ValueError("data.tokenizer_path must name a tokenizer.json when data.tokenizer='hf'")
+            raise ValueError(
+                "data.tokenizer_path must name a tokenizer.json when data.tokenizer='hf'"
+            )
         if self.tokenizer == "byte" and self.tokenizer_path is not None:
             raise ValueError(
                 f"data.tokenizer_path={self.tokenizer_path!r} is only used with data.tokenizer='hf'"
@@ -98,7 +102,8 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
     two forms is an error rather than a list of prefixes."""
     weights = [_as_weight(text) for text in data_path[0::2]]
     names_are_weights = [_as_weight(text) is not None for text in data_path[1::2]]
-    if len(data_path) % 2 == 0 and all(w is not None for w in weights) and not any(names_are_weights):
+    weighted = len(data_path) % 2 == 0 and all(w is not None for w in weights)
+    if weighted and not any(names_are_weights):
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ValueError(
                 f"data.data_path={data_path!r}: weights must be >= 0 and not all zero"

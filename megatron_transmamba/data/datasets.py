@@ -209,7 +209,8 @@ def build_data_loader(
     ``consumed_samples`` samples counted over all DP ranks.
 
     Each batch: ``"tokens"``, ``"labels"``, ``"position_ids"`` int64 [B, T] and
-    ``"loss_mask"`` float32 [B, T], B = ``micro_batch_size``.
+    ``"loss_mask"`` float32 [B, T], B = ``micro_batch_size``; a weighted blend adds
+    ``"dataset_id"`` int16 [B], the blend entry each sample came from.
     """
     if dataset is None:
         return None

@@ -34,6 +34,7 @@ EXCLUDED_DIRS = frozenset(
         "lib2to3",
         "turtledemo",
         "ensurepip",
+        "encodings",  # generated codec tables: repetitive, not representative source
         "__pycache__",
     }
 )

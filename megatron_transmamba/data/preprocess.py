@@ -48,14 +48,16 @@ class PreprocessStats:
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
     """Files named by ``patterns`` (paths or globs), each glob's matches sorted, duplicates
     dropped; a pattern that matches nothing is an error."""
-    files: list[str] = []
+    files: dict[str, None] = {}
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        matches = [pattern]
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern, recursive=True))
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
             raise FileNotFoundError(f"input {pattern!r} matches no file")
-        files.extend(m for m in matches if m not in files)
-    return files
+        files.update(dict.fromkeys(matches))
+    return list(files)
 
 
 def iter_text_documents(path: str, split_lines: bool = False) -> Iterator[str]:
@@ -73,8 +75,12 @@ def iter_text_documents(path: str, split_lines: bool = False) -> Iterator[str]:
 def iter_jsonl_documents(path: str, json_key: str = "text") -> Iterator[str]:
     """``record[json_key]`` of each line; blank lines are skipped, anything else that is not
     a JSON object with a string under ``json_key`` raises ValueError naming file and line."""
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not UTF-8 ({error.reason})") from error
             if not line.strip():
                 continue
             try:
@@ -86,7 +92,8 @@ def iter_jsonl_documents(path: str, json_key: str = "text") -> Iterator[str]:
             text = record[json_key]
             if not isinstance(text, str):
                 raise ValueError(
-                    f"{path}:{line_number}: {json_key!r} is a {type(text).__name__}, not a string"
+                    f"{path}:{line_number}: {json_key!r} is not a string "
+                    f"(a {type(text).__name__})"
                 )
             yield text
 

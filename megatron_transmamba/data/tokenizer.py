@@ -150,7 +150,9 @@ def build_tokenizer(kind: str, path: str | None = None) -> ByteTokenizer | HFTok
         return ByteTokenizer()
     if kind == "hf":
         if not path:
-            raise ValueError("data.tokenizer_path must name a tokenizer.json when data.tokenizer='hf'")
+            raise ValueError(
+                "data.tokenizer_path must name a tokenizer.json when data.tokenizer='hf'"
+            )
         if not os.path.isfile(path):
             raise ValueError(f"data.tokenizer_path={path!r}: no such file")
         return HFTokenizer(path)

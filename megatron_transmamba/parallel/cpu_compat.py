@@ -165,9 +165,13 @@ class Constants:
         pairs = ", ".join(f"{old!r} -> {new!r}" for old, new in self.mapping)
         return f"{self.function}: {pairs}"
 
+    @property
+    def module(self) -> str:
+        return self.function.partition(":")[0]
+
     def apply(self) -> None:
         _, _, func = _resolve(self.function)
-        func = getattr(func, "__func__", func)  # staticmethod / classmethod
+        func = inspect.unwrap(getattr(func, "__func__", func))  # staticmethod, decorators
         present = set(_string_constants(func.__code__))
         missing = [old for old, _ in self.mapping if old not in present]
         if missing:
@@ -187,6 +191,10 @@ class Replace:
     def target(self) -> str:
         return self.attribute
 
+    @property
+    def module(self) -> str:
+        return self.attribute.partition(":")[0]
+
     def apply(self) -> None:
         owner, name, _ = _resolve(self.attribute)
         setattr(owner, name, self.replacement)
@@ -203,6 +211,10 @@ class LogFilter:
     @property
     def target(self) -> str:
         return f"logging.getLogger({self.logger!r}): {self.message!r}"
+
+    @property
+    def module(self) -> str:
+        return self.logger  # megatron names its loggers after their modules
 
     def apply(self) -> None:
         message = self.message

@@ -23,6 +23,8 @@ from megatron_transmamba.parallel.cpu_compat import apply_cpu_compat
 
 DEFAULT_TIMEOUT_MINUTES = 10
 
+_initializations = 0  # per process; every rank initializes equally often
+
 
 @dataclass(frozen=True)
 class DistributedInfo:
@@ -105,8 +107,14 @@ def initialize_distributed(
     else:
         init_method = f"tcp://127.0.0.1:{find_free_port()}"
     timeout = timedelta(minutes=timeout_minutes)
+    store, rank, world_size = next(dist.rendezvous(init_method, rank, world_size, timeout=timeout))
+    # torchrun's store outlives destroy_process_group, and a new default group reuses the old
+    # group names: without a fresh prefix, gloo would read the previous group's addresses.
+    global _initializations
+    _initializations += 1
+    store = dist.PrefixStore(f"megatron_transmamba/{_initializations}", store)
     dist.init_process_group(
-        backend=backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout
+        backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout
     )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,

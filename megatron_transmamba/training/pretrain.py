@@ -37,6 +37,8 @@ from megatron_transmamba.training.config import RunConfig
 class TrainResult:
     train_losses: dict = field(default_factory=dict)      # step -> loss
     valid_losses: dict = field(default_factory=dict)      # step -> validation loss
+    step_seconds: dict = field(default_factory=dict)      # step -> wall time of the step
+    tokens_per_step: int = 0
     initial_valid_loss: Optional[float] = None
     num_parameters: int = 0
     seconds: float = 0.0
@@ -226,8 +228,10 @@ def _pretrain(cfg: RunConfig, info, start_time: float) -> TrainResult:
         log.scalars(0, **{"loss/validation": result.initial_valid_loss})
 
     ddp_model.train()
-    tic = time.time()
+    tic, last_logged = time.time(), step
+    result.tokens_per_step = global_batch * seq_length
     while step < t.train_iters:
+        step_start = time.time()
         ddp_model.zero_grad_buffer()
         optimizer.zero_grad()
         out = forward_backward(forward_step_func=forward_step, data_iterator=train_iter,
@@ -238,18 +242,19 @@ def _pretrain(cfg: RunConfig, info, start_time: float) -> TrainResult:
         scheduler.step(increment=1)
         step += 1
         consumed += global_batch
-        loss = _mean_loss(out)
+        loss = _mean_loss(out)                 # .item() waits for the GPU: the step is done
+        result.step_seconds[step] = time.time() - step_start
         result.train_losses[step] = loss
         lr = optimizer.param_groups[0]["lr"]
         log.advance(loss)
         log.scalars(step, **{"loss/train": loss, "lr": lr, "grad_norm": grad_norm or 0.0})
         if step % t.log_interval == 0 or step == t.train_iters:
             elapsed = time.time() - tic
-            tokens_per_s = t.log_interval * global_batch * seq_length / max(elapsed, 1e-9)
+            tokens_per_s = (step - last_logged) * global_batch * seq_length / max(elapsed, 1e-9)
             log.line(f"step {step:>6} | loss {loss:.4f} | lr {lr:.3e} | grad norm "
                      f"{(grad_norm or 0.0):.3f} | {tokens_per_s:,.0f} tokens/s")
             log.scalars(step, **{"throughput/tokens_per_s": tokens_per_s})
-            tic = time.time()
+            tic, last_logged = time.time(), step
         if t.eval_interval and (step % t.eval_interval == 0 or step == t.train_iters):
             result.valid_losses[step] = evaluate()
             log.line(f"step {step:>6} | validation loss {result.valid_losses[step]:.4f}")

@@ -82,6 +82,9 @@ def check_column_row(use_cpu_initialization: bool, sequence_parallel: bool) -> d
     y, _ = row(hidden)
     probe_local = probe[tp_rank * chunk : (tp_rank + 1) * chunk] if sequence_parallel else probe
     (y * probe_local).sum().backward()
+    for param in (column.bias, row.bias):
+        if getattr(param, "sequence_parallel", False):  # what finalize_model_grads does
+            dist.all_reduce(param.grad, group=tp_group)
 
     weight_c = _gather(column.weight.detach(), 0, tp_group).double().requires_grad_(True)
     bias_c = _gather(column.bias.detach(), 0, tp_group).double().requires_grad_(True)
@@ -139,6 +142,8 @@ def check_embedding_cross_entropy() -> dict:
     head = head_full[tp_rank * V // 2 : (tp_rank + 1) * V // 2].clone().requires_grad_(True)
 
     hidden = embedding(tokens).transpose(0, 1)  # [B, S, D] -> [S, B, D]
+    # The output layer's input gradient is all-reduced, as in ColumnParallelLinear.
+    hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
     logits = hidden @ head.t()  # [S, B, V / tp]
     loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)  # [S, B]
     loss.sum().backward()
@@ -256,6 +261,7 @@ def check_distributed_optimizer(info) -> dict:
 def check_pipeline(info) -> dict:
     """PP=2 1F1B over 4 microbatches vs the unpipelined model on the same microbatches."""
     from megatron.core import parallel_state
+    from megatron.core.enums import ModelType
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.module import MegatronModule
@@ -274,6 +280,7 @@ def check_pipeline(info) -> dict:
             super().__init__(config)
             whole = _TwoLinear(seed=13)
             self.layer = whole.first if first_stage else whole.second
+            self.model_type = ModelType.encoder_or_decoder
             self.input_tensor = None
 
         def set_input_tensor(self, tensor):
@@ -297,7 +304,7 @@ def check_pipeline(info) -> dict:
 
         def loss_func(output_tensor):
             loss = F.mse_loss(output_tensor, target)
-            return loss, {"loss": loss.detach()}
+            return loss, {"loss": loss.detach().clone()}  # the schedule scales `loss` in place
 
         return output, loss_func
 
@@ -332,6 +339,15 @@ def check_pipeline(info) -> dict:
 
 def run_layouts(rank: int) -> dict:
     results = {}
+    queued_cuda_calls = len(torch.cuda._queued_calls)  # torch's import queues a few
+    lazy_init_calls = []
+    real_lazy_init = torch.cuda._lazy_init
+
+    def recording_lazy_init():
+        lazy_init_calls.append(1)
+        real_lazy_init()
+
+    torch.cuda._lazy_init = recording_lazy_init
     info = initialize_distributed(tensor_model_parallel_size=2, timeout_minutes=TIMEOUT_MINUTES)
     results["tp2_info"] = {"tp": info.tensor_model_parallel_size, "dp": info.data_parallel_size}
     for name, cpu_init, sp in (
@@ -351,7 +367,8 @@ def run_layouts(rank: int) -> dict:
     results["pp2"] = check_pipeline(info)
     destroy_distributed()
     results["cuda_initialized"] = torch.cuda.is_initialized()
-    results["cuda_queued_calls"] = len(torch.cuda._queued_calls)
+    results["new_cuda_queued_calls"] = len(torch.cuda._queued_calls) - queued_cuda_calls
+    results["cuda_lazy_init_calls"] = len(lazy_init_calls)
     return results
 
 

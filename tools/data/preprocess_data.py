@@ -27,7 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", choices=("byte", "hf", "train-bpe"), default="byte")
     parser.add_argument(
         "--tokenizer-path",
-        help="tokenizer.json to read (hf) or write (train-bpe; default <output-prefix>.tokenizer.json)",
+        help="tokenizer.json to read (hf) or write (train-bpe; default "
+        "<output-prefix>.tokenizer.json)",
     )
     parser.add_argument("--vocab-size", type=int, default=8192, help="for --tokenizer train-bpe")
     parser.add_argument("--json-key", default="text", help="document field of .jsonl records")
