@@ -30,6 +30,6 @@ setup(
         "psutil",
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=5,<6"],
+        "test": ["pytest>=8", "transformers>=5,<6", "triton==3.7.1"],
     },
 )

@@ -1,0 +1,401 @@
+"""Triton chunked SSD scan (Mamba-2) with a TransPoint: forward and backward.
+
+Same function as ``naive.chunk_ssd_naive`` (Dao & Gu 2024, section 6; DESIGN section 5), split
+into three forward kernels and three backward kernels over chunks of L tokens, with
+Lam_t = sum of A*dt_r from the chunk start to t (inclusive):
+
+  chunk state    U_c   = sum_s exp(Lam_end - Lam_s) dt_s x_s (x) B_s            [P, N] per chunk
+  state passing  S_c   = exp(Lam_end,c-1) S_c-1 + U_c-1  (S_0 = initial state)   sequential in c
+  chunk scan     y_t   = sum_{s<=t} exp(Lam_t - Lam_s) (C_t . B_s) dt_s x_s
+                         + exp(Lam_t) S_c C_t + D x_t                             t >= transpoint
+
+TransMamba (arXiv 2503.24067): tokens before the TransPoint p belong to attention, so their
+outputs are never computed (chunks that end before p skip the scan: their programs only zero
+the rows), while their states are, which is the Memory Converter fused into the scan (the SSM
+state at p is exactly the converter's). The backward passes the state gradient in reverse
+(dS_c = exp(Lam_end,c) dS_c+1 + sum_t exp(Lam_t) dy_t (x) C_t) and then computes dx, ddt, dB,
+dC and the log-decay gradient per chunk; per-head dB/dC are summed over each group's heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .naive import _check_inputs
+
+__all__ = ["chunk_ssd_triton"]
+
+
+@triton.jit
+def _chunk_state_fwd_kernel(
+    x_ptr, b_ptr, dt_ptr, lam_ptr, states_ptr,
+    T, T_pad, H, G, P, N, num_chunks,
+    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    """U_c[p, n] for one (chunk, batch*head, P block): states[b, c, h, P block, :]."""
+    c, bh, pid_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    g = h // (H // G)
+    t = c * L + tl.arange(0, L)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    in_t = t < T
+    x = tl.load(x_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
+                mask=in_t[:, None] & (p[None, :] < P), other=0.0)                  # [L, BP]
+    bm = tl.load(b_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :],
+                 mask=in_t[:, None] & (n[None, :] < N), other=0.0)                 # [L, BN]
+    dt = tl.load(dt_ptr + (b * T_pad + t) * H + h)                                 # [L] (padded)
+    lam = tl.load(lam_ptr + (b * T_pad + t) * H + h)
+    lam_end = tl.load(lam_ptr + (b * T_pad + c * L + L - 1) * H + h)
+    w = tl.exp(lam_end - lam) * dt
+    xw = (x.to(tl.float32) * w[:, None]).to(bm.dtype)
+    u = tl.dot(tl.trans(xw), bm, input_precision="ieee" if IEEE else "tf32")       # [BP, BN]
+    out = states_ptr + (((b * num_chunks + c) * H + h) * P + p[:, None]) * N + n[None, :]
+    tl.store(out, u, mask=(p[:, None] < P) & (n[None, :] < N))
+
+
+@triton.jit
+def _state_passing_fwd_kernel(
+    states_ptr, lam_ptr, init_ptr, final_ptr,
+    T_pad, H, PN, num_chunks,
+    L: tl.constexpr, BLOCK: tl.constexpr, HAS_INIT: tl.constexpr,
+):
+    """In place: states[b, c] := state entering chunk c; final_ptr gets the last state."""
+    bh, pid = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    e = pid * BLOCK + tl.arange(0, BLOCK)
+    m = e < PN
+    if HAS_INIT:
+        s = tl.load(init_ptr + bh * PN + e, mask=m, other=0.0).to(tl.float32)
+    else:
+        s = tl.zeros([BLOCK], dtype=tl.float32)
+    for c in range(num_chunks):
+        ptr = states_ptr + ((b * num_chunks + c) * H + h) * PN + e
+        u = tl.load(ptr, mask=m, other=0.0)
+        tl.store(ptr, s, mask=m)
+        decay = tl.exp(tl.load(lam_ptr + (b * T_pad + c * L + L - 1) * H + h))
+        s = decay * s + u
+    tl.store(final_ptr + bh * PN + e, s, mask=m)
+
+
+@triton.jit
+def _chunk_scan_fwd_kernel(
+    x_ptr, b_ptr, c_ptr, dt_ptr, lam_ptr, d_ptr, states_ptr, y_ptr,
+    T, T_pad, H, G, P, N, num_chunks, transpoint,
+    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    """y for one (chunk, batch*head, P block); rows before the TransPoint are zero."""
+    c, bh, pid_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    g = h // (H // G)
+    t = c * L + tl.arange(0, L)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    in_t = t < T
+    mask_y = in_t[:, None] & (p[None, :] < P)
+    y_ptrs = y_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :]
+    if c * L + L <= transpoint:  # attention-only chunk: nothing to compute
+        tl.store(y_ptrs, tl.zeros([L, BLOCK_P], dtype=y_ptr.dtype.element_ty), mask=mask_y)
+        return
+    precision: tl.constexpr = "ieee" if IEEE else "tf32"
+    x = tl.load(x_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=mask_y, other=0.0)
+    mask_n = in_t[:, None] & (n[None, :] < N)
+    bm = tl.load(b_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=mask_n, other=0.0)
+    cm = tl.load(c_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=mask_n, other=0.0)
+    dt = tl.load(dt_ptr + (b * T_pad + t) * H + h)
+    lam = tl.load(lam_ptr + (b * T_pad + t) * H + h)
+    scores = tl.dot(cm, tl.trans(bm), input_precision=precision)                   # [L, L]
+    causal = tl.arange(0, L)[:, None] >= tl.arange(0, L)[None, :]
+    decay = tl.exp(tl.where(causal, lam[:, None] - lam[None, :], float("-inf")))
+    w = (scores * decay * dt[None, :]).to(x.dtype)
+    y = tl.dot(w, x, input_precision=precision)                                    # [L, BP]
+    s = tl.load(states_ptr + (((b * num_chunks + c) * H + h) * P + p[:, None]) * N + n[None, :],
+                mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)               # [BP, BN] fp32
+    y += tl.exp(lam)[:, None] * tl.dot(cm.to(tl.float32), tl.trans(s), input_precision="ieee" if IEEE else "tf32")
+    d = tl.load(d_ptr + h * P + p, mask=p < P, other=0.0)
+    y += d[None, :] * x.to(tl.float32)
+    y = tl.where((t >= transpoint)[:, None], y, 0.0)
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_y)
+
+
+@triton.jit
+def _chunk_dstate_bwd_kernel(
+    dy_ptr, c_ptr, lam_ptr, dstates_ptr,
+    T, T_pad, H, G, P, N, num_chunks, transpoint,
+    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    """G_c[p, n] = sum_{t in c, t >= p} exp(Lam_t) dy_t[p] C_t[n]."""
+    c, bh, pid_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    g = h // (H // G)
+    t = c * L + tl.arange(0, L)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    rows = (t < T) & (t >= transpoint)
+    dy = tl.load(dy_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
+                 mask=rows[:, None] & (p[None, :] < P), other=0.0)
+    cm = tl.load(c_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :],
+                 mask=rows[:, None] & (n[None, :] < N), other=0.0)
+    lam = tl.load(lam_ptr + (b * T_pad + t) * H + h)
+    dyw = (dy.to(tl.float32) * tl.exp(lam)[:, None]).to(cm.dtype)
+    gc = tl.dot(tl.trans(dyw), cm, input_precision="ieee" if IEEE else "tf32")
+    out = dstates_ptr + (((b * num_chunks + c) * H + h) * P + p[:, None]) * N + n[None, :]
+    tl.store(out, gc, mask=(p[:, None] < P) & (n[None, :] < N))
+
+
+@triton.jit
+def _state_passing_bwd_kernel(
+    dstates_ptr, states_ptr, final_ptr, dfinal_ptr, lam_ptr, dinit_ptr, dlam_end_ptr,
+    T_pad, H, PN, num_chunks, num_blocks,
+    L: tl.constexpr, BLOCK: tl.constexpr, HAS_DFINAL: tl.constexpr,
+):
+    """In place: dstates[b, c] := gradient of the state leaving chunk c; dinit; and per block
+    the partial sums <dS_out,c, S_end,c> of the chunk-end log-decay gradient."""
+    bh, pid = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    e = pid * BLOCK + tl.arange(0, BLOCK)
+    m = e < PN
+    if HAS_DFINAL:
+        ds = tl.load(dfinal_ptr + bh * PN + e, mask=m, other=0.0).to(tl.float32)
+    else:
+        ds = tl.zeros([BLOCK], dtype=tl.float32)
+    s_end = tl.load(final_ptr + bh * PN + e, mask=m, other=0.0)
+    for i in range(num_chunks):
+        c = num_chunks - 1 - i
+        ptr = dstates_ptr + ((b * num_chunks + c) * H + h) * PN + e
+        gc = tl.load(ptr, mask=m, other=0.0)
+        tl.store(ptr, ds, mask=m)
+        tl.store(dlam_end_ptr + ((b * num_chunks + c) * H + h) * num_blocks + pid, tl.sum(ds * s_end))
+        decay = tl.exp(tl.load(lam_ptr + (b * T_pad + c * L + L - 1) * H + h))
+        ds = gc + decay * ds
+        s_end = tl.load(states_ptr + ((b * num_chunks + c) * H + h) * PN + e, mask=m, other=0.0)
+    tl.store(dinit_ptr + bh * PN + e, ds, mask=m)
+
+
+@triton.jit
+def _chunk_bwd_kernel(
+    x_ptr, b_ptr, c_ptr, dt_ptr, lam_ptr, d_ptr, states_ptr, dstates_ptr, dy_ptr,
+    dx_ptr, db_ptr, dc_ptr, ddt_ptr, dlam_ptr, dd_ptr,
+    T, T_pad, H, G, P, N, num_chunks, transpoint,
+    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    """dx, per-head dB and dC, ddt (through dt*x), dLam (without the chunk-end term), dD."""
+    c, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    g = h // (H // G)
+    precision: tl.constexpr = "ieee" if IEEE else "tf32"
+    t = c * L + tl.arange(0, L)
+    n = tl.arange(0, BLOCK_N)
+    in_t = t < T
+    rows = in_t & (t >= transpoint)
+    mask_n = in_t[:, None] & (n[None, :] < N)
+    bm = tl.load(b_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=mask_n, other=0.0)
+    cm = tl.load(c_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=mask_n, other=0.0)
+    dt = tl.load(dt_ptr + (b * T_pad + t) * H + h)
+    lam = tl.load(lam_ptr + (b * T_pad + t) * H + h)
+    lam_end = tl.load(lam_ptr + (b * T_pad + c * L + L - 1) * H + h)
+    e_out = tl.exp(lam)
+    e_src = tl.exp(lam_end - lam)
+    causal = tl.arange(0, L)[:, None] >= tl.arange(0, L)[None, :]
+    decay = tl.exp(tl.where(causal, lam[:, None] - lam[None, :], float("-inf")))      # [t, s]
+    scores = tl.dot(cm, tl.trans(bm), input_precision=precision)                      # [t, s]
+    state_base = ((b * num_chunks + c) * H + h) * P
+
+    # Pass 1 over P: dy.v (for dC, dB), dy S_in (dC from the passed state), v dS_out (dB).
+    dyv = tl.zeros([L, L], dtype=tl.float32)
+    dc_acc = tl.zeros([L, BLOCK_N], dtype=tl.float32)
+    db_acc = tl.zeros([L, BLOCK_N], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = p < P
+        x = tl.load(x_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
+                    mask=in_t[:, None] & mask_p[None, :], other=0.0)
+        dy = tl.load(dy_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
+                     mask=rows[:, None] & mask_p[None, :], other=0.0)
+        smask = mask_p[:, None] & (n[None, :] < N)
+        s_in = tl.load(states_ptr + (state_base + p[:, None]) * N + n[None, :], mask=smask, other=0.0)
+        ds_out = tl.load(dstates_ptr + (state_base + p[:, None]) * N + n[None, :], mask=smask, other=0.0)
+        v = (x.to(tl.float32) * dt[:, None])
+        dyv += tl.dot(dy.to(tl.float32), tl.trans(v), input_precision=precision)
+        dc_acc += tl.dot(dy.to(tl.float32), s_in, input_precision=precision)
+        db_acc += tl.dot(v, ds_out, input_precision=precision)
+        tl.store(dd_ptr + ((b * num_chunks + c) * H + h) * P + p,
+                 tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=0), mask=mask_p)
+    wd = decay * dyv                                                                   # [t, s]
+    dc = e_out[:, None] * dc_acc + tl.dot(wd, bm.to(tl.float32), input_precision=precision)
+    db = e_src[:, None] * db_acc + tl.dot(tl.trans(wd), cm.to(tl.float32), input_precision=precision)
+    dc = tl.where(rows[:, None], dc, 0.0)
+    dlam = tl.sum(cm.to(tl.float32) * dc, axis=1) - tl.sum(bm.to(tl.float32) * db, axis=1)
+    dbc_off = ((b * T + t[:, None]) * H + h) * N + n[None, :]
+    tl.store(db_ptr + dbc_off, db, mask=mask_n)
+    tl.store(dc_ptr + dbc_off, dc, mask=mask_n)
+    tl.store(dlam_ptr + (b * T_pad + t) * H + h, dlam)
+
+    # Pass 2 over P: dv = (decay*scores)^T dy + e_src B dS_out^T; dx = dv dt + D dy.
+    ws = tl.trans(decay * scores)                                                      # [s, t]
+    ddt = tl.zeros([L], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = p < P
+        mask_x = in_t[:, None] & mask_p[None, :]
+        x = tl.load(x_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=mask_x, other=0.0)
+        dy = tl.load(dy_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
+                     mask=rows[:, None] & mask_p[None, :], other=0.0)
+        ds_out = tl.load(dstates_ptr + (state_base + p[:, None]) * N + n[None, :],
+                         mask=mask_p[:, None] & (n[None, :] < N), other=0.0)
+        dv = tl.dot(ws, dy.to(tl.float32), input_precision=precision)
+        dv += e_src[:, None] * tl.dot(bm.to(tl.float32), tl.trans(ds_out), input_precision=precision)
+        d = tl.load(d_ptr + h * P + p, mask=mask_p, other=0.0)
+        dx = dv * dt[:, None] + d[None, :] * dy.to(tl.float32)
+        tl.store(dx_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
+                 dx.to(dx_ptr.dtype.element_ty), mask=mask_x)
+        ddt += tl.sum(dv * x.to(tl.float32), axis=1)
+    tl.store(ddt_ptr + (b * T_pad + t) * H + h, ddt)
+
+
+def _block_sizes(P: int, N: int) -> tuple[int, int]:
+    block_n = max(16, triton.next_power_of_2(N))
+    block_p = min(64, max(16, triton.next_power_of_2(P)))
+    return block_p, block_n
+
+
+def _chunk_lambda(dt: torch.Tensor, A: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """dt padded to whole chunks (pad dt = 0 keeps the state) and Lam = in-chunk cumsum of A*dt."""
+    batch, T, H = dt.shape
+    num_chunks = max(1, triton.cdiv(T, L))
+    dt_pad = torch.zeros(batch, num_chunks * L, H, dtype=torch.float32, device=dt.device)
+    dt_pad[:, :T] = dt
+    lam = (dt_pad * A.float()).view(batch, num_chunks, L, H).cumsum(2).view(batch, num_chunks * L, H)
+    return dt_pad, lam.contiguous(), num_chunks
+
+
+def _ssd_fwd(x, dt, A, B, C, D, initial_states, chunk_size, transpoint):
+    batch, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    L = chunk_size
+    dt_pad, lam, num_chunks = _chunk_lambda(dt, A, L)
+    block_p, block_n = _block_sizes(P, N)
+    ieee = x.dtype == torch.float32
+    states = torch.empty(batch, num_chunks, H, P, N, dtype=torch.float32, device=x.device)
+    grid = (num_chunks, batch * H, triton.cdiv(P, block_p))
+    _chunk_state_fwd_kernel[grid](x, B, dt_pad, lam, states, T, num_chunks * L, H, G, P, N,
+                                  num_chunks, L=L, BLOCK_P=block_p, BLOCK_N=block_n, IEEE=ieee)
+    final = torch.empty(batch, H, P, N, dtype=torch.float32, device=x.device)
+    block = min(1024, triton.next_power_of_2(P * N))
+    init = initial_states.float().contiguous() if initial_states is not None else final
+    _state_passing_fwd_kernel[(batch * H, triton.cdiv(P * N, block))](
+        states, lam, init, final, num_chunks * L, H, P * N, num_chunks, L=L, BLOCK=block,
+        HAS_INIT=initial_states is not None)
+    y = torch.empty_like(x)
+    _chunk_scan_fwd_kernel[grid](x, B, C, dt_pad, lam, D, states, y, T, num_chunks * L, H, G, P, N,
+                                 num_chunks, transpoint, L=L, BLOCK_P=block_p, BLOCK_N=block_n,
+                                 IEEE=ieee)
+    return y, final, states, dt_pad, lam
+
+
+def _ssd_bwd(dy, dfinal, x, dt, A, B, C, D, states, final, dt_pad, lam, chunk_size, transpoint):
+    batch, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    L = chunk_size
+    num_chunks = states.shape[1]
+    T_pad = num_chunks * L
+    block_p, block_n = _block_sizes(P, N)
+    ieee = x.dtype == torch.float32
+    dy = dy.contiguous()
+    dstates = torch.empty_like(states)
+    _chunk_dstate_bwd_kernel[(num_chunks, batch * H, triton.cdiv(P, block_p))](
+        dy, C, lam, dstates, T, T_pad, H, G, P, N, num_chunks, transpoint, L=L,
+        BLOCK_P=block_p, BLOCK_N=block_n, IEEE=ieee)
+    block = min(1024, triton.next_power_of_2(P * N))
+    num_blocks = triton.cdiv(P * N, block)
+    dinit = torch.empty(batch, H, P, N, dtype=torch.float32, device=x.device)
+    dlam_end = torch.empty(batch, num_chunks, H, num_blocks, dtype=torch.float32, device=x.device)
+    _state_passing_bwd_kernel[(batch * H, num_blocks)](
+        dstates, states, final, dfinal if dfinal is not None else final, lam, dinit, dlam_end,
+        T_pad, H, P * N, num_chunks, num_blocks, L=L, BLOCK=block, HAS_DFINAL=dfinal is not None)
+    dx = torch.empty_like(x)
+    db = torch.empty(batch, T, H, N, dtype=torch.float32, device=x.device)
+    dc = torch.empty(batch, T, H, N, dtype=torch.float32, device=x.device)
+    ddt = torch.empty(batch, T_pad, H, dtype=torch.float32, device=x.device)
+    dlam = torch.empty(batch, T_pad, H, dtype=torch.float32, device=x.device)
+    dd = torch.empty(batch, num_chunks, H, P, dtype=torch.float32, device=x.device)
+    _chunk_bwd_kernel[(num_chunks, batch * H)](
+        x, B, C, dt_pad, lam, D, states, dstates, dy, dx, db, dc, ddt, dlam, dd,
+        T, T_pad, H, G, P, N, num_chunks, transpoint, L=L, BLOCK_P=block_p, BLOCK_N=block_n,
+        IEEE=ieee)
+    # The chunk-end log decay also scales the state leaving the chunk.
+    dlam = dlam.view(batch, num_chunks, L, H)
+    dlam[:, :, L - 1] += dlam_end.sum(-1)
+    da = dlam.flip(2).cumsum(2).flip(2).reshape(batch, T_pad, H)[:, :T]              # d(A dt_r)
+    ddt = ddt[:, :T] + da * A.float()
+    dA = (da * dt_pad[:, :T]).sum((0, 1))
+    dB = db.view(batch, T, G, H // G, N).sum(3)
+    dC = dc.view(batch, T, G, H // G, N).sum(3)
+    return dx, ddt, dA, dB, dC, dinit, dd.sum((0, 1))
+
+
+class _ChunkSSD(torch.autograd.Function):
+    """x [B,T,H,P], dt [B,T,H] (processed, fp32), A [H], B/C [B,T,G,N], D [H,P] fp32."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, initial_states, chunk_size, transpoint):
+        y, final, states, dt_pad, lam = _ssd_fwd(x, dt, A, B, C, D, initial_states, chunk_size,
+                                                 transpoint)
+        ctx.save_for_backward(x, dt, A, B, C, D, states, final, dt_pad, lam)
+        ctx.chunk_size, ctx.transpoint = chunk_size, transpoint
+        ctx.has_init = initial_states is not None
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, dt, A, B, C, D, states, final, dt_pad, lam = ctx.saved_tensors
+        dx, ddt, dA, dB, dC, dinit, dD = _ssd_bwd(dy, dfinal, x, dt, A, B, C, D, states, final,
+                                                  dt_pad, lam, ctx.chunk_size, ctx.transpoint)
+        return (dx, ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+                dD.to(D.dtype), dinit if ctx.has_init else None, None, None)
+
+
+def chunk_ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
+                     seq_idx=None, cu_seqlens=None, dt_softplus=False,
+                     dt_limit=(0.0, float("inf")), return_final_states=False, transpoint=0):
+    """Chunked SSD scan in Triton; ``naive.chunk_ssd_naive`` is its specification.
+
+    Args (mamba_ssm's ``mamba_chunk_scan_combined`` convention):
+        x: [B, T, H, P]; dt: [B, T, H]; A: [H]; B, C: [B, T, G, N] with G dividing H;
+        D: [H] or [H, P]; z: [B, T, H, P]; dt_bias: [H]; initial_states: [B, H, P, N];
+        chunk_size: a power of two >= 16.
+        transpoint: TransMamba's TransPoint p: outputs are computed only for tokens t >= p
+            (rows t < p are zero); states still cover every token, so the state entering
+            token p is the Memory Converter's.
+
+    Returns:
+        y [B, T, H, P] in x's dtype, and the final state [B, H, P, N] (float32) when
+        ``return_final_states``. Differentiable in x, dt, A, B, C, D, z, dt_bias, initial_states.
+    """
+    if seq_idx is not None or cu_seqlens is not None:
+        raise NotImplementedError("chunk_ssd_triton: packed documents (seq_idx / cu_seqlens) are "
+                                  "not supported yet (TODO(#3)); use backend 'torch'")
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size={chunk_size}: the Triton SSD needs a power of two >= 16")
+    dims = _check_inputs(x, dt, A, B, C, D, z, dt_bias, dt_limit)
+    if initial_states is not None and initial_states.shape != (dims.batch, dims.heads, dims.head_dim, dims.state_dim):
+        raise ValueError(f"initial_states must have shape [B, H, P, N] = "
+                         f"{[dims.batch, dims.heads, dims.head_dim, dims.state_dim]}, got {tuple(initial_states.shape)}")
+    if x.dtype == torch.float64:
+        raise TypeError("chunk_ssd_triton: float64 is not supported (use chunk_ssd_naive)")
+    dt = dt.float() if dt_bias is None else dt.float() + dt_bias.float()
+    if dt_softplus:
+        dt = torch.nn.functional.softplus(dt)
+    if tuple(dt_limit) != (0.0, float("inf")):
+        dt = dt.clamp(*dt_limit)
+    H, P = dims.heads, dims.head_dim
+    if D is None:
+        D = torch.zeros(H, P, dtype=torch.float32, device=x.device)
+    D = (D.float()[:, None].expand(H, P) if D.dim() == 1 else D.float()).contiguous()
+    y, final = _ChunkSSD.apply(x.contiguous(), dt.contiguous(), A.float(), B.contiguous(),
+                               C.contiguous(), D, initial_states, int(chunk_size), int(transpoint))
+    if z is not None:
+        y = (y.float() * torch.nn.functional.silu(z.float())).to(x.dtype)
+    return (y, final) if return_final_states else y

@@ -1,0 +1,124 @@
+"""Triton SSD (``transmamba_kernels.ssd.chunk``) against the float64 chunked reference.
+
+Runs under Triton's CPU interpreter (TRITON_INTERPRET=1, set before triton is imported) at
+tiny shapes in float32 and float16; bf16 is checked on the GPU (tools/bench/bench_ssd.py).
+New buffers are filled with NaN so a kernel that skips a write fails.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from helpers import assert_close  # noqa: E402
+from transmamba_kernels.ssd import chunk as chunk_module  # noqa: E402
+from transmamba_kernels.ssd.chunk import chunk_ssd_triton  # noqa: E402
+from transmamba_kernels.ssd.naive import chunk_ssd_naive  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_buffers(monkeypatch):
+    """torch.empty / empty_like in the kernel module return NaN-filled tensors."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def empty_like(*args, **kwargs):
+        t = real_empty_like(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    fake = type("torch_with_nan_empty", (), {})()
+    for name in dir(torch):
+        if not name.startswith("__"):
+            try:
+                setattr(fake, name, getattr(torch, name))
+            except Exception:
+                pass
+    fake.empty, fake.empty_like = empty, empty_like
+    monkeypatch.setattr(chunk_module, "torch", fake)
+
+
+def make_inputs(batch, T, H, P, G, N, dtype, seed=0, init=True):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)
+    return dict(
+        x=r(batch, T, H, P).to(dtype), dt=r(batch, T, H).to(dtype), A=-(torch.rand(H, generator=g) + 0.5),
+        B=r(batch, T, G, N).to(dtype), C=r(batch, T, G, N).to(dtype), D=r(H), z=r(batch, T, H, P).to(dtype),
+        dt_bias=r(H), initial_states=r(batch, H, P, N) if init else None)
+
+
+def run(fn, inputs, chunk_size, **extra):
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
+    y, final = fn(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], chunk_size,
+                  D=leaves["D"], z=leaves["z"], dt_bias=leaves["dt_bias"],
+                  initial_states=leaves.get("initial_states"), dt_softplus=True,
+                  return_final_states=True, **extra)
+    return y, final, leaves
+
+
+def compare(inputs, chunk_size, transpoint, ratio_fwd, ratio_bwd, seed=1):
+    y, final, leaves = run(chunk_ssd_triton, inputs, chunk_size, transpoint=transpoint)
+    ref_inputs = {k: (v.double() if v is not None else None) for k, v in inputs.items()}
+    y_ref, final_ref, ref_leaves = run(chunk_ssd_naive, ref_inputs, chunk_size)
+    rows = (torch.arange(y.shape[1]) >= transpoint)[None, :, None, None]
+    y_ref = y_ref * rows
+    assert_close("y", y_ref, y.double(), ratio_fwd)
+    assert_close("final_states", final_ref, final.double(), ratio_fwd)
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(y.shape, generator=g)
+    dfinal = torch.randn(final.shape, generator=g)
+    ((y.float() * dy).sum() + (final * dfinal).sum()).backward()
+    ((y_ref * dy.double()).sum() + (final_ref * dfinal.double()).sum()).backward()
+    for name, leaf in leaves.items():
+        ref = ref_leaves[name].grad
+        if name in ("z", "D") and transpoint >= y.shape[1]:
+            assert leaf.grad.abs().max() == 0, name
+            continue
+        assert_close(f"d{name}", ref, leaf.grad.double(), ratio_bwd)
+
+
+@pytest.mark.parametrize("T,transpoint", [(1, 0), (7, 0), (37, 0), (37, 1), (37, 20), (37, 16),
+                                          (37, 32), (37, 37), (64, 63)])
+def test_float32_matches_reference(T, transpoint):
+    compare(make_inputs(2, T, 4, 8, 2, 16, torch.float32), 16, transpoint, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("G", [1, 4])
+def test_groups_and_no_initial_state(G):
+    compare(make_inputs(1, 40, 4, 8, G, 16, torch.float32, init=False), 16, 9, 1e-5, 1e-5)
+
+
+def test_odd_head_and_state_dims():
+    compare(make_inputs(1, 20, 2, 12, 1, 10, torch.float32), 16, 3, 1e-5, 1e-5)
+
+
+def test_float16_within_twice_torch_error():
+    inputs = make_inputs(1, 33, 2, 16, 1, 16, torch.float16)
+    y, _, _ = run(chunk_ssd_triton, inputs, 16, transpoint=5)
+    ref = {k: (v.double() if v is not None else None) for k, v in inputs.items()}
+    y_ref, _, _ = run(chunk_ssd_naive, ref, 16)
+    rows = (torch.arange(33) >= 5)[None, :, None, None]
+    # PyTorch's own float16 error: the reference computed from float16-rounded inputs, cast back
+    torch_err = ((y_ref.half().double() - y_ref) * rows).norm() / (y_ref * rows).norm()
+    err = (y.double() - y_ref * rows).norm() / (y_ref * rows).norm()
+    assert err <= max(2 * torch_err, 2e-3), (err, torch_err)
+
+
+def test_bad_arguments_are_clear():
+    inputs = make_inputs(1, 8, 2, 8, 1, 16, torch.float32)
+    with pytest.raises(ValueError, match="chunk_size=24"):
+        chunk_ssd_triton(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], 24)
+    with pytest.raises(NotImplementedError, match="packed documents"):
+        chunk_ssd_triton(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], 16,
+                         seq_idx=torch.zeros(1, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="B must have shape"):
+        chunk_ssd_triton(inputs["x"], inputs["dt"], inputs["A"], inputs["B"][:, :4], inputs["C"], 16)
