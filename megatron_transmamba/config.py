@@ -27,7 +27,7 @@ LAYER_SYMBOLS = {
     "-": "SwiGLU MLP",
 }
 
-MIXER_BACKENDS = ("torch",)
+MIXER_BACKENDS = ("torch", "triton")
 
 
 @dataclass
@@ -74,8 +74,9 @@ class TransMambaConfig(TransformerConfig):
     """RoPE base, for the TransMamba attention segment and the ``*`` layers."""
 
     mixer_backend: str = "torch"
-    """Implementation of the mixer core. ``torch``: SDPA + Memory Converter + chunked SSD in
-    plain PyTorch (the executable specification). Fast kernels are selected explicitly."""
+    """Implementation of the mixer core, chosen explicitly (no silent fallback). ``torch``: SDPA +
+    Memory Converter + chunked SSD in plain PyTorch (the executable specification). ``triton``:
+    SDPA + the Triton SSD with the TransPoint (Memory Converter fused into its state passing)."""
 
     # Sensible defaults for the paper's models (SwiGLU, RMSNorm, no biases, no dropout).
     normalization: str = "RMSNorm"
@@ -132,6 +133,14 @@ class TransMambaConfig(TransformerConfig):
             raise ValueError(f"mamba_state_dim={self.mamba_state_dim} must be even for RoPE on Q = C, K = B")
         if self.mixer_backend not in MIXER_BACKENDS:
             raise ValueError(f"mixer_backend={self.mixer_backend!r}: expected one of {MIXER_BACKENDS}")
+        if self.mixer_backend == "triton":
+            chunk = self.ssd_chunk_size
+            if chunk < 16 or chunk & (chunk - 1):
+                raise ValueError(f"ssd_chunk_size={chunk}: mixer_backend='triton' needs a power of two >= 16")
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                raise ValueError("mixer_backend='triton' needs the triton package") from None
 
     def _validate_scan(self):
         if self.ssd_chunk_size < 1:

@@ -1,6 +1,12 @@
 """Shared pytest setup: makes ``tests/helpers.py`` importable and seeds every test."""
+import os
 import pathlib
 import sys
+
+# Triton kernels run on the CPU through Triton's interpreter; it must be chosen before any
+# kernel module is imported (the decorator reads it). GPU runs leave it unset.
+if os.environ.get("MTM_TEST_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

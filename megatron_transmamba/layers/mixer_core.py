@@ -74,6 +74,25 @@ def transmamba_core_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
+def transmamba_core_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+                           transpoint: int, chunk_size: int, softmax_scale: float,
+                           rotary: Optional[RotaryFn] = None) -> Tensor:
+    """Same as ``transmamba_core_torch``; the SSM runs in the Triton SSD over the whole sequence
+    with outputs only from p on, so the Memory Converter is fused into its state passing."""
+    from transmamba_kernels.ssd.chunk import chunk_ssd_triton
+
+    seq_len = x.shape[1]
+    p = max(0, min(int(transpoint), seq_len))
+    y = chunk_ssd_triton(x, dt, A, B, C, chunk_size, D=D, transpoint=p) if p < seq_len else None
+    if p == 0:
+        return y
+    q, k = C[:, :p], B[:, :p]
+    if rotary is not None:
+        q, k = rotary(q), rotary(k)
+    attention = grouped_attention(q, k, x[:, :p], softmax_scale)
+    return attention if y is None else torch.cat([attention, y[:, p:]], dim=1)
+
+
 def gated_grouped_rmsnorm(y: Tensor, z: Tensor, weight: Tensor, groups: int, eps: float,
                           transpoint: int) -> Tensor:
     """RMSNorm over G groups of H*P/G channels; SSM tokens (t >= p) are gated by SiLU(z) first.

@@ -27,9 +27,10 @@ from torch import Tensor
 
 from megatron_transmamba.config import TransMambaConfig
 from megatron_transmamba.layers.rotary import apply_rope
-from megatron_transmamba.layers.mixer_core import gated_grouped_rmsnorm, transmamba_core_torch
+from megatron_transmamba.layers.mixer_core import (gated_grouped_rmsnorm, transmamba_core_torch,
+                                                   transmamba_core_triton)
 
-_CORES = {"torch": transmamba_core_torch}
+_CORES = {"torch": transmamba_core_torch, "triton": transmamba_core_triton}
 
 
 def _mark_tensor_parallel(param: nn.Parameter) -> None:

@@ -16,6 +16,7 @@ megatron-core untouched. The patches are narrow and all listed in ``PATCHES``:
   (``"cuda"`` -> ``"cpu"``, ``"torch.cuda.FloatTensor"`` -> ``"torch.FloatTensor"``), so
   every reference to the function sees the change.
 - ``Replace``: one module attribute replaced by a CPU function.
+- ``LogFilter``: one log message dropped that is a false alarm on CPU.
 
 The shims are written against megatron-core 0.16.x and refuse any other version;
 ``tests/parallel/test_cpu_compat.py`` counts the CUDA calls in every megatron-core file on
@@ -45,16 +46,8 @@ def _synchronize(device=None) -> None:
     return None
 
 
-def _empty_cache() -> None:
-    return None
-
-
 def _get_rng_state(device="cuda") -> torch.Tensor:
     return torch.get_rng_state()
-
-
-def _set_rng_state(new_state: torch.Tensor, device="cuda") -> None:
-    torch.set_rng_state(new_state)
 
 
 def _manual_seed(seed: int) -> None:
@@ -64,9 +57,7 @@ def _manual_seed(seed: int) -> None:
 _CPU_CUDA: Dict[str, Callable] = {
     "current_device": _current_device,
     "synchronize": _synchronize,
-    "empty_cache": _empty_cache,
     "get_rng_state": _get_rng_state,
-    "set_rng_state": _set_rng_state,
     "manual_seed": _manual_seed,
 }
 

@@ -7,8 +7,9 @@ SCENARIO OUT_DIR`` writes ``OUT_DIR/rank<r>.json``:
   use_cpu_initialization, and with sequence parallel), VocabParallelEmbedding and
   vocab_parallel_cross_entropy, each compared with the unsharded float64 computation on
   the gathered weights; then DP=2 with the distributed optimizer, compared with a plain
-  torch AdamW on the whole batch; then PP=2 through get_forward_backward_func (1F1B),
-  compared with the unpipelined model. Every layout is a fresh initialize_distributed.
+  torch AdamW on the whole batch; then PP=2 through get_forward_backward_func, 1F1B and
+  interleaved (2 chunks per rank), compared with the unpipelined model. Every layout is a
+  fresh initialize_distributed.
 - ``bad_layout``: tensor_model_parallel_size=3 on 2 processes; records the error and exits
   non-zero.
 """
@@ -180,7 +181,7 @@ class _TwoLinear(torch.nn.Module):
         return self.second(torch.tanh(self.first(x)))
 
 
-def check_distributed_optimizer(info) -> dict:
+def check_distributed_optimizer() -> dict:
     """Two Adam steps with DP=2 and the distributed optimizer vs torch AdamW on both batches."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -258,28 +259,47 @@ def check_distributed_optimizer(info) -> dict:
     }
 
 
-def check_pipeline(info) -> dict:
-    """PP=2 1F1B over 4 microbatches vs the unpipelined model on the same microbatches."""
+def check_pipeline(virtual_size) -> dict:
+    """PP=2 (1F1B, or interleaved with ``virtual_size`` chunks per rank) over 4 microbatches
+    vs the unpipelined chain of the same blocks on the same microbatches."""
     from megatron.core import parallel_state
     from megatron.core.enums import ModelType
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.module import MegatronModule
 
-    S, B, H = 3, 2, 16
+    S, B, H = 3, 2, 8
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    chunks = virtual_size or 1
+    num_stages = pp_size * chunks
+    # Interleaving as Megatron-LM configures it. With megatron-core's default
+    # batch_p2p_comm=True and PP=2, the previous and the next stage are the same rank, and one
+    # batch_isend_irecv carries a gradient and an activation between the same two ranks: the
+    # messages match in posting order and swap, silently (gradients off by O(1) on gloo).
+    interleaving = dict(overlap_p2p_comm=True, batch_p2p_comm=False) if virtual_size else {}
     config = TransformerConfig(
-        num_layers=2, hidden_size=H, num_attention_heads=1, pipeline_model_parallel_size=2,
+        num_layers=num_stages, hidden_size=H, num_attention_heads=1,
+        pipeline_model_parallel_size=pp_size, virtual_pipeline_model_parallel_size=virtual_size,
         pipeline_dtype=torch.float32, use_cpu_initialization=True,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=False, **interleaving,
     )
-    first_stage = parallel_state.is_pipeline_first_stage()
-    reference = _TwoLinear(seed=13)
+
+    def make_blocks():
+        generator = torch.Generator().manual_seed(13)
+        blocks = torch.nn.ModuleList(torch.nn.Linear(H, H) for _ in range(num_stages))
+        with torch.no_grad():
+            for param in blocks.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+        return blocks
 
     class Stage(MegatronModule):
-        def __init__(self):
+        """Global stage ``stage`` of the chain: h -> tanh(block(h)), [S, B, H] throughout."""
+
+        def __init__(self, stage: int):
             super().__init__(config)
-            whole = _TwoLinear(seed=13)
-            self.layer = whole.first if first_stage else whole.second
+            self.stage = stage
+            self.block = make_blocks()[stage]
             self.model_type = ModelType.encoder_or_decoder
             self.input_tensor = None
 
@@ -287,14 +307,13 @@ def check_pipeline(info) -> dict:
             self.input_tensor = tensor[0] if isinstance(tensor, list) else tensor
 
         def forward(self, x):
-            if first_stage:
-                return self.layer(x)  # [S, B, H], sent to the next stage
-            return self.layer(torch.tanh(self.input_tensor))
+            return torch.tanh(self.block(x if self.stage == 0 else self.input_tensor))
 
-    stage = Stage()
+    # Chunk c of pipeline rank r is global stage c * pp_size + r (megatron's interleaving).
+    stages = [Stage(chunk * pp_size + pp_rank) for chunk in range(chunks)]
     generator = torch.Generator().manual_seed(17)
     microbatches = [
-        (torch.randn(S, B, 8, generator=generator), torch.randn(S, B, 4, generator=generator))
+        (torch.randn(S, B, H, generator=generator), torch.randn(S, B, H, generator=generator))
         for _ in range(4)
     ]
 
@@ -310,27 +329,34 @@ def check_pipeline(info) -> dict:
 
     forward_backward = get_forward_backward_func()
     losses = forward_backward(
-        forward_step_func=forward_step, data_iterator=iter(microbatches), model=[stage],
-        num_microbatches=len(microbatches), seq_length=S, micro_batch_size=B,
+        forward_step_func=forward_step,
+        data_iterator=[iter(microbatches) for _ in stages] if virtual_size else iter(microbatches),
+        model=stages, num_microbatches=len(microbatches), seq_length=S, micro_batch_size=B,
         forward_only=False,
     )
+
+    reference = make_blocks()
     reference_losses = []
     for x, target in microbatches:
-        loss = F.mse_loss(reference(x), target)
+        hidden = x
+        for block in reference:
+            hidden = torch.tanh(block(hidden))
+        loss = F.mse_loss(hidden, target)
         (loss / len(microbatches)).backward()  # megatron divides by num_microbatches
         reference_losses.append(loss.item())
-    reference_layer = reference.first if first_stage else reference.second
-    errors = {
-        f"grad_{name}": _max_err(param.grad, ref.grad)
-        for (name, param), ref in zip(stage.layer.named_parameters(), reference_layer.parameters())
-    }
-    if not first_stage:
+    errors = {}
+    for stage in stages:
+        for name, param in stage.block.named_parameters():
+            reference_param = getattr(reference[stage.stage], name)
+            errors[f"stage{stage.stage}_grad_{name}"] = _max_err(param.grad, reference_param.grad)
+    if any(stage.stage == num_stages - 1 for stage in stages):
         errors["losses"] = max(
             abs(out["loss"].item() - ref) for out, ref in zip(losses, reference_losses)
         )
     return {
-        "pipeline_rank": parallel_state.get_pipeline_model_parallel_rank(),
-        "pipeline_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        "pipeline_rank": pp_rank,
+        "pipeline_size": pp_size,
+        "stages": [stage.stage for stage in stages],
         "forward_backward_func": forward_backward.__name__,
         "num_losses": len(losses),
         "max_abs_error": errors,
@@ -359,12 +385,19 @@ def run_layouts(rank: int) -> dict:
     results["tp2_embedding_cross_entropy"] = check_embedding_cross_entropy()
     destroy_distributed()
 
-    info = initialize_distributed(timeout_minutes=TIMEOUT_MINUTES)
-    results["dp2_distributed_optimizer"] = check_distributed_optimizer(info)
+    initialize_distributed(timeout_minutes=TIMEOUT_MINUTES)
+    results["dp2_distributed_optimizer"] = check_distributed_optimizer()
     destroy_distributed()
 
-    info = initialize_distributed(pipeline_model_parallel_size=2, timeout_minutes=TIMEOUT_MINUTES)
-    results["pp2"] = check_pipeline(info)
+    initialize_distributed(pipeline_model_parallel_size=2, timeout_minutes=TIMEOUT_MINUTES)
+    results["pp2"] = check_pipeline(virtual_size=None)
+    destroy_distributed()
+
+    initialize_distributed(
+        pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
+        timeout_minutes=TIMEOUT_MINUTES,
+    )
+    results["pp2_interleaved"] = check_pipeline(virtual_size=2)
     destroy_distributed()
     results["cuda_initialized"] = torch.cuda.is_initialized()
     results["new_cuda_queued_calls"] = len(torch.cuda._queued_calls) - queued_cuda_calls

@@ -7,6 +7,7 @@ the current counts with ``python tests/parallel/test_cpu_compat.py``.
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,22 +42,17 @@ MEGATRON_PATH_IMPORTS = (
 )
 
 _SCAN = """
-import importlib, json, pathlib, re, sys, warnings
+import importlib, json, pathlib, sys, warnings
 warnings.simplefilter("ignore")
 import megatron.core
 for name in sys.argv[1:]:
     importlib.import_module(name)
 root = pathlib.Path(megatron.core.__file__).parent
-counts, modules = {}, sorted(m for m in sys.modules if m.startswith("megatron.core"))
-for name in modules:
-    path = getattr(sys.modules[name], "__file__", None)
-    if not path:
-        continue
-    text = pathlib.Path(path).read_text()
-    found = [text.count("torch.cuda."), len(re.findall(r"[\\"']cuda[\\"']", text))]
-    if any(found):
-        counts[pathlib.Path(path).relative_to(root).as_posix()] = found
-print(json.dumps({"version": megatron.core.__version__, "modules": modules, "files": counts}))
+modules = sorted(m for m in sys.modules if m.startswith("megatron.core"))
+files = [getattr(sys.modules[m], "__file__", None) for m in modules]
+files = sorted(pathlib.Path(f).relative_to(root).as_posix() for f in files if f)
+print(json.dumps({"version": megatron.core.__version__, "root": str(root), "modules": modules,
+                  "files": files}))
 """
 
 
@@ -69,11 +65,23 @@ def scan_megatron_core() -> dict:
     return json.loads(result.stdout)
 
 
-def format_table(scan: dict) -> str:
-    lines = [f'  "{path}": {counts}' for path, counts in sorted(scan["files"].items())]
+def count_cuda_uses(root: Path, relative_paths) -> dict:
+    """{path: [count of `torch.cuda.`, count of "cuda" / 'cuda' literals]}, nonzero only."""
+    counts = {}
+    for path in sorted(set(relative_paths)):
+        file = root / path
+        text = file.read_text() if file.exists() else ""
+        found = [text.count("torch.cuda."), len(re.findall(r"[\"']cuda[\"']", text))]
+        if any(found):
+            counts[path] = found
+    return counts
+
+
+def format_table(version: str, counts: dict) -> str:
+    lines = [f'  "{path}": {found}' for path, found in sorted(counts.items())]
     return (
         "{\n"
-        f' "megatron_core_version": "{scan["version"]}",\n'
+        f' "megatron_core_version": "{version}",\n'
         ' "columns": ["torch.cuda.", "\\"cuda\\" or \'cuda\'"],\n'
         ' "files": {\n' + ",\n".join(lines) + "\n }\n}\n"
     )
@@ -87,9 +95,12 @@ def scan():
 @CPU_ONLY
 def test_cuda_calls_on_our_megatron_path_are_the_reviewed_ones(scan):
     recorded = json.loads(TABLE_PATH.read_text())
+    # Recorded files are recounted even when this environment does not import them (an
+    # optional dependency such as triton changes the import closure).
+    counts = count_cuda_uses(Path(scan["root"]), [*scan["files"], *recorded["files"]])
     changes = []
-    for path in sorted(set(scan["files"]) | set(recorded["files"])):
-        old, new = recorded["files"].get(path, [0, 0]), scan["files"].get(path, [0, 0])
+    for path in sorted(set(counts) | set(recorded["files"])):
+        old, new = recorded["files"].get(path, [0, 0]), counts.get(path, [0, 0])
         if old != new:
             changes.append(
                 f"  megatron/core/{path}: torch.cuda. {old[0]} -> {new[0]}, "
@@ -313,13 +324,14 @@ def _two_layer_stack(vocab: int, hidden: int):
             for layer in self.layers:
                 hidden_states, _ = layer(hidden_states, attention_mask=None)
             logits, _ = self.head(hidden_states)  # [T, B, V]
-            return tensor_parallel.vocab_parallel_cross_entropy(logits, labels.t())  # [T, B]
+            return tensor_parallel.vocab_parallel_cross_entropy(logits, labels.t().contiguous())  # [T, B]
 
     return config, Stack()
 
 
 @CPU_ONLY
-def test_single_process_training_on_cpu(single_process):
+@pytest.mark.parametrize("distributed_optimizer", [True, False])
+def test_single_process_training_on_cpu(single_process, distributed_optimizer):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -331,15 +343,19 @@ def test_single_process_training_on_cpu(single_process):
 
     config, stack = _two_layer_stack(vocab=64, hidden=32)
     model = DistributedDataParallel(
-        config, DistributedDataParallelConfig(use_distributed_optimizer=True), stack
+        config, DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer),
+        stack,
     )
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
-            optimizer="adam", lr=3e-3, min_lr=3e-4, weight_decay=0.01, clip_grad=0.05,
-            bf16=False, use_distributed_optimizer=True,
+            optimizer="adam", lr=3e-3, min_lr=3e-4, weight_decay=0.01, clip_grad=0.02,
+            bf16=False, use_distributed_optimizer=distributed_optimizer,
         ),
         [model],
     )
+    inner = optimizer.chained_optimizers[0]
+    expected = "DistributedOptimizer" if distributed_optimizer else "FP32Optimizer"
+    assert type(inner).__name__ == expected
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=3e-3, max_lr=3e-3, min_lr=3e-4, lr_warmup_steps=0,
         lr_decay_steps=4, lr_decay_style="cosine", start_wd=0.01, end_wd=0.01,
@@ -379,7 +395,7 @@ def test_single_process_training_on_cpu(single_process):
 
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert losses[0] > losses[1] > losses[2], losses
-    assert all(norm > 0.05 for norm in grad_norms), f"clip_grad was never exercised: {grad_norms}"
+    assert all(norm > 0.02 for norm in grad_norms), f"clip_grad was not exercised: {grad_norms}"
     assert lrs[0] > lrs[1] > lrs[2], f"cosine decay expected: {lrs}"
     for param in model.parameters():
         assert param.device.type == "cpu"
@@ -387,4 +403,9 @@ def test_single_process_training_on_cpu(single_process):
 
 
 if __name__ == "__main__":
-    print(format_table(scan_megatron_core()), end="")
+    scanned = scan_megatron_core()
+    # Tolerates `python test_cpu_compat.py > megatron_core_cuda_calls.json` (file emptied).
+    table_text = TABLE_PATH.read_text().strip() if TABLE_PATH.exists() else ""
+    recorded_files = json.loads(table_text)["files"] if table_text else {}
+    found = count_cuda_uses(Path(scanned["root"]), [*scanned["files"], *recorded_files])
+    print(format_table(scanned["version"], found), end="")
