@@ -19,6 +19,8 @@ dC and the log-decay gradient per chunk; per-head dB/dC are summed over each gro
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -28,6 +30,17 @@ from .naive import _check_inputs
 __all__ = ["chunk_ssd_triton"]
 
 
+def _tuning_configs():
+    # The interpreter runs one config only (NOTES); on GPUs try a few warp/stage counts.
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({}, num_warps=4)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
+
+
+_autotune = triton.autotune(configs=_tuning_configs(), key=["P", "N", "L"])
+
+
+@_autotune
 @triton.jit
 def _chunk_state_fwd_kernel(
     x_ptr, b_ptr, dt_ptr, lam_ptr, states_ptr,
@@ -80,6 +93,7 @@ def _state_passing_fwd_kernel(
     tl.store(final_ptr + bh * PN + e, s, mask=m)
 
 
+@_autotune
 @triton.jit
 def _chunk_scan_fwd_kernel(
     x_ptr, b_ptr, c_ptr, dt_ptr, lam_ptr, d_ptr, states_ptr, y_ptr,
@@ -120,6 +134,7 @@ def _chunk_scan_fwd_kernel(
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
+@_autotune
 @triton.jit
 def _chunk_dstate_bwd_kernel(
     dy_ptr, c_ptr, lam_ptr, dstates_ptr,
@@ -174,6 +189,7 @@ def _state_passing_bwd_kernel(
     tl.store(dinit_ptr + bh * PN + e, ds, mask=m)
 
 
+@_autotune
 @triton.jit
 def _chunk_bwd_kernel(
     x_ptr, b_ptr, c_ptr, dt_ptr, lam_ptr, d_ptr, states_ptr, dstates_ptr, dy_ptr,

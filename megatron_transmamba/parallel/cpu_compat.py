@@ -277,7 +277,8 @@ PATCHES: Tuple[object, ...] = (
         "unit loss scale tensor",
     ),
     Constants(
-        "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer._build_model_and_main_param_groups",
+        "megatron.core.optimizer.distrib_optimizer:"
+        "DistributedOptimizer._build_model_and_main_param_groups",
         _FLOAT_TENSOR,
         "fp32 params are recognised by param.type() == 'torch.cuda.FloatTensor'",
     ),

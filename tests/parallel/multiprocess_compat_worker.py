@@ -240,7 +240,7 @@ def check_distributed_optimizer() -> dict:
         grad_norms.append(reference_norm)
         reference_optimizer.step()
 
-    inner = optimizer.chained_optimizers[0] if hasattr(optimizer, "chained_optimizers") else optimizer
+    inner = optimizer.chained_optimizers[0]  # get_megatron_optimizer always chains
     sharded_numel = sum(
         p.numel() for group in inner.optimizer.param_groups for p in group["params"]
     )

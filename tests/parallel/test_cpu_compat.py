@@ -180,7 +180,8 @@ def test_patches_are_scoped_to_megatron_modules():
 
 @pytest.fixture
 def no_cuda(monkeypatch):
-    """Fail if anything initializes CUDA or queues a lazy CUDA call (e.g. a cuda RNG op)."""
+    """Fail if anything reached torch.cuda's lazy init or queued a lazy CUDA call, even when
+    the error was swallowed (creating a CUDA tensor raises by itself on a CPU build)."""
     lazy_init_calls = []
     real_lazy_init = torch.cuda._lazy_init
 
@@ -324,7 +325,8 @@ def _two_layer_stack(vocab: int, hidden: int):
             for layer in self.layers:
                 hidden_states, _ = layer(hidden_states, attention_mask=None)
             logits, _ = self.head(hidden_states)  # [T, B, V]
-            return tensor_parallel.vocab_parallel_cross_entropy(logits, labels.t().contiguous())  # [T, B]
+            labels = labels.t().contiguous()  # [B, T] -> [T, B]
+            return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)  # [T, B]
 
     return config, Stack()
 

@@ -1,0 +1,164 @@
+"""SSD / mixer-core benchmark and bf16 check on one GPU: prints markdown tables.
+
+    python tools/bench/bench_ssd.py                  # the layouts of NOTES, 65,536 tokens a call
+    python tools/bench/bench_ssd.py --smoke          # tiny shapes (CPU with TRITON_INTERPRET=1)
+
+Tables: (1) bf16 error of the Triton SSD against the float32 reference, next to PyTorch's own
+bf16 error (the same chunked algorithm computed in bf16), forward and backward; (2) times
+(median of triton.testing.do_bench, ms) of our SSD forward and forward+backward, our mixer core
+(SDPA on [0, p) + the Triton SSD) at p = 0, T/4, T/2, T, SDPA causal attention on the same
+shapes, and fla's chunk_simple_gla forward when fla-core is importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from contextlib import contextmanager
+
+import torch
+
+from megatron_transmamba.layers.mixer_core import grouped_attention, transmamba_core_triton
+from transmamba_kernels.ssd import naive
+from transmamba_kernels.ssd.chunk import chunk_ssd_triton
+
+
+def make(batch, T, H, G, P, N, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    r = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device)
+    return dict(x=r(batch, T, H, P).to(dtype), dt=torch.nn.functional.softplus(r(batch, T, H) - 3),
+                A=-torch.exp(torch.rand(H, generator=g) * math.log(16)).to(device),
+                B=r(batch, T, G, N, scale=N ** -0.5).to(dtype), C=r(batch, T, G, N, scale=N ** -0.5).to(dtype),
+                D=torch.ones(H, device=device))
+
+
+@contextmanager
+def naive_in(dtype):
+    """Run the PyTorch reference's arithmetic in ``dtype`` (PyTorch's own low-precision error)."""
+    real = naive._compute_dtype
+    naive._compute_dtype = lambda *tensors: dtype
+    try:
+        yield
+    finally:
+        naive._compute_dtype = real
+
+
+def rel(ref, out):
+    ref, out = ref.double(), out.double()
+    return ((ref - out).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def ssd_outputs(fn, inputs, chunk, dtype, **extra):
+    leaves = {k: v.detach().clone().to(dtype if k in ("x", "B", "C") else torch.float32).requires_grad_(True)
+              for k, v in inputs.items()}
+    y = fn(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], chunk, D=leaves["D"], **extra)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    dy = torch.randn(y.shape, generator=gen).to(y.device)
+    (y.float() * dy).sum().backward()
+    return [y] + [leaves[k].grad for k in ("x", "dt", "A", "B", "C")]
+
+
+def accuracy_table(batch, T, H, G, P, N, chunk, device):
+    inputs = make(batch, T, H, G, P, N, torch.bfloat16, device)
+    ref = ssd_outputs(naive.chunk_ssd_naive, inputs, chunk, torch.float32)
+    with naive_in(torch.bfloat16):
+        torch_bf16 = ssd_outputs(naive.chunk_ssd_naive, inputs, chunk, torch.bfloat16)
+    ours = ssd_outputs(chunk_ssd_triton, inputs, chunk, torch.bfloat16)
+    print(f"\nbf16 accuracy, B={batch} T={T} H={H} G={G} P={P} N={N} chunk={chunk} "
+          "(relative L2 error against the float32 reference)\n")
+    print("| tensor | PyTorch bf16 | Triton bf16 | ratio |")
+    print("|---|---|---|---|")
+    worst = 0.0
+    for name, r, t, o in zip(["y", "dx", "ddt", "dA", "dB", "dC"], ref, torch_bf16, ours):
+        e_t, e_o = rel(r, t), rel(r, o)
+        worst = max(worst, e_o / max(e_t, 1e-12))
+        print(f"| {name} | {e_t:.2e} | {e_o:.2e} | {e_o / max(e_t, 1e-12):.2f} |")
+    return worst
+
+
+def bench(fn, warmup=5, rep=20):
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def timing_table(layouts, lengths, tokens, chunks, device, fla):
+    print("\nTimes in ms (median, bf16), tokens per call = B x T\n")
+    head = "| H,G,P,N | T | B | chunk | SSD fwd | SSD fwd+bwd | core p=0 | core p=T/4 | core p=T/2 | core p=T | SDPA fwd | SDPA fwd+bwd |"
+    if fla:
+        head += " fla simple_gla fwd |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for H, G, P, N in layouts:
+        for T in lengths:
+            batch = max(1, tokens // T)
+            inputs = make(batch, T, H, G, P, N, torch.bfloat16, device)
+            x, dt, A, B, C, D = (inputs[k] for k in ("x", "dt", "A", "B", "C", "D"))
+            leaves = [t.detach().clone().requires_grad_(True) for t in (x, dt, B, C)]
+            best = None
+            for chunk in chunks:
+                fwd = bench(lambda: chunk_ssd_triton(x, dt, A, B, C, chunk, D=D))
+                y = chunk_ssd_triton(leaves[0], leaves[1], A, leaves[2], leaves[3], chunk, D=D)
+                dy = torch.randn_like(y)
+
+                def fwd_bwd():
+                    out = chunk_ssd_triton(leaves[0], leaves[1], A, leaves[2], leaves[3], chunk, D=D)
+                    out.backward(dy)
+                both = bench(fwd_bwd)
+                if best is None or both < best[2]:
+                    best = (chunk, fwd, both)
+            chunk, fwd, both = best
+            cores = []
+            for p in (0, T // 4, T // 2, T):
+                def core_fb(p=p):
+                    out = transmamba_core_triton(leaves[0], leaves[1], A, leaves[2], leaves[3], D, p,
+                                                 chunk, N ** -0.5)
+                    out.backward(dy)
+                cores.append(bench(core_fb))
+            q, k = [t.detach().clone().requires_grad_(True) for t in (C, B)]
+            v = x.detach().clone().requires_grad_(True)
+            sdpa_f = bench(lambda: grouped_attention(q, k, v, N ** -0.5))
+            attn_dy = torch.randn_like(x)
+            sdpa_fb = bench(lambda: grouped_attention(q, k, v, N ** -0.5).backward(attn_dy))
+            row = (f"| {H},{G},{P},{N} | {T} | {batch} | {chunk} | {fwd:.3f} | {both:.3f} | "
+                   + " | ".join(f"{c:.3f}" for c in cores) + f" | {sdpa_f:.3f} | {sdpa_fb:.3f} |")
+            if fla:
+                from fla.ops.simple_gla import chunk_simple_gla
+                qf = C.repeat_interleave(H // G, 2)
+                kf = B.repeat_interleave(H // G, 2)
+                vf = (x.float() * dt[..., None]).to(x.dtype)
+                gf = (dt * A).float()
+                row += f" {bench(lambda: chunk_simple_gla(qf, kf, vf, gf, scale=1.0)):.3f} |"
+            print(row, flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, for a CPU check")
+    parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--lengths", default="2048,8192,32768,131072")
+    parser.add_argument("--chunks", default="64,128")
+    parser.add_argument("--layouts", default="16,16,128,128;16,16,96,96")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        import fla  # noqa: F401
+        has_fla = device == "cuda"
+    except ImportError:
+        has_fla = False
+    if args.smoke:
+        worst = accuracy_table(1, 40, 2, 1, 16, 16, 16, device)
+        print(f"\nworst ratio {worst:.2f}")
+        return 0
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+          f"{__import__('triton').__version__}")
+    worst = accuracy_table(2, 2048, 16, 16, 128, 128, 64, device)
+    print(f"\nworst Triton/PyTorch bf16 error ratio: {worst:.2f}")
+    layouts = [tuple(int(v) for v in s.split(",")) for s in args.layouts.split(";")]
+    timing_table(layouts, [int(v) for v in args.lengths.split(",")], args.tokens,
+                 [int(v) for v in args.chunks.split(",")], device, has_fla)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
