@@ -4,14 +4,18 @@
         --config examples/configs/tiny_cpu.yaml --training.train_iters=300
 
 Any ``--section.key=value`` after the config file overrides a YAML value; ``--resume``
-continues from the newest complete checkpoint in ``checkpoint.save``.
+continues from the newest complete checkpoint in ``checkpoint.save``. Launch tensor x pipeline
+parallel size (x data-parallel size) processes, e.g. ``--nproc_per_node=2`` with
+``--parallel.tensor_model_parallel_size=2``; a layout that does not fit the world size or the
+model is reported by every rank before any process group is created.
 """
 
 import argparse
+import os
 import sys
 
 from megatron_transmamba.training.config import load_run_config
-from megatron_transmamba.training.pretrain import pretrain
+from megatron_transmamba.training.pretrain import check_run_config, pretrain
 
 
 def main(argv=None) -> int:
@@ -23,8 +27,9 @@ def main(argv=None) -> int:
         overrides.append("--checkpoint.resume=true")
     try:
         cfg = load_run_config(args.config, overrides)
+        check_run_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error (rank {os.environ.get('RANK', 0)}): {err}", file=sys.stderr)
         return 2
     result = pretrain(cfg)
     if result.valid_losses:

@@ -1,11 +1,35 @@
 #!/usr/bin/env bash
 # The main job: train a tiny TransMamba on the embedded corpus (CPU is fine), via torchrun.
 # Extra arguments are config overrides, e.g. --training.train_iters=100.
+# The process count follows the layout: tensor x pipeline parallel size from the overrides
+# (--parallel.tensor_model_parallel_size=2 runs 2 processes); MTM_NPROC sets it explicitly
+# (e.g. MTM_NPROC=4 with TP=2 adds data parallelism).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash tools/setup_env.sh
 py="${MTM_VENV:-$root/.venv}/bin/python"
 [ "${MTM_SKIP_SETUP:-0}" = "1" ] && py=python
-exec "$py" -m torch.distributed.run --standalone --nproc_per_node=1 \
+
+tp=1 pp=1 prev=""
+for arg in "$@"; do
+  case "$prev" in
+    --parallel.tensor_model_parallel_size) tp="$arg" ;;
+    --parallel.pipeline_model_parallel_size) pp="$arg" ;;
+  esac
+  case "$arg" in
+    --parallel.tensor_model_parallel_size=*) tp="${arg#*=}" ;;
+    --parallel.pipeline_model_parallel_size=*) pp="${arg#*=}" ;;
+  esac
+  prev="$arg"
+done
+for value in "$tp" "$pp" "${MTM_NPROC:-1}"; do
+  if ! [[ "$value" =~ ^[1-9][0-9]*$ ]]; then
+    echo "quickstart.sh: process counts and parallel sizes must be positive integers, got '$value'" >&2
+    exit 2
+  fi
+done
+nproc="${MTM_NPROC:-$((tp * pp))}"
+
+exec "$py" -m torch.distributed.run --standalone --nproc_per_node="$nproc" \
   examples/pretrain.py --config examples/configs/tiny_cpu.yaml "$@"

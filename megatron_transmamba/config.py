@@ -96,6 +96,7 @@ class TransMambaConfig(TransformerConfig):
         if self.mamba_num_heads is None:
             self.mamba_num_heads = self.hidden_size // self.mamba_head_dim if self.mamba_head_dim else 0
         self._validate_mixer()
+        self._validate_tensor_parallel()
         self._validate_scan()
         self.transpoints = self._resolve_transpoints()
         with warnings.catch_warnings():
@@ -121,11 +122,6 @@ class TransMambaConfig(TransformerConfig):
             raise ValueError(f"mamba_num_heads={self.mamba_num_heads} must be divisible by "
                              f"mamba_num_groups={self.mamba_num_groups} (one Q/K group serves "
                              "H/G value heads)")
-        tp = self.tensor_model_parallel_size
-        for name in ("mamba_num_heads", "mamba_num_groups"):
-            if getattr(self, name) % tp:
-                raise ValueError(f"{name}={getattr(self, name)} must be divisible by "
-                                 f"tensor_model_parallel_size={tp}")
         if self.mixer_position_embedding not in ("rope", "none"):
             raise ValueError(f"mixer_position_embedding={self.mixer_position_embedding!r}: "
                              "expected 'rope' or 'none'")
@@ -141,6 +137,23 @@ class TransMambaConfig(TransformerConfig):
                 import triton  # noqa: F401
             except ImportError:
                 raise ValueError("mixer_backend='triton' needs the triton package") from None
+
+    def _validate_tensor_parallel(self):
+        """Everything split over tensor-parallel ranks must divide by their number (the
+        attention heads and query groups of '*' layers are checked by megatron-core)."""
+        tp = self.tensor_model_parallel_size
+        where = "(parallel.tensor_model_parallel_size in a run config)"
+        split = []
+        if self.uses_mixer:
+            split += ["mamba_num_heads", "mamba_num_groups"]
+        if "-" in self.layer_pattern and self.ffn_hidden_size is not None:
+            split.append("ffn_hidden_size")
+        if self.sequence_parallel:
+            split.append("seq_length")     # the sequence is scattered over the TP ranks
+        for name in split:
+            if getattr(self, name) % tp:
+                raise ValueError(f"{name}={getattr(self, name)} must be divisible by "
+                                 f"tensor_model_parallel_size={tp} {where}")
 
     def _validate_scan(self):
         if self.ssd_chunk_size < 1:

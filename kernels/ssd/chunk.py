@@ -42,55 +42,39 @@ _autotune = triton.autotune(configs=_tuning_configs(), key=["P", "N", "L"])
 
 @_autotune
 @triton.jit
-def _chunk_state_fwd_kernel(
-    x_ptr, b_ptr, dt_ptr, lam_ptr, states_ptr,
+def _states_fwd_kernel(
+    x_ptr, b_ptr, dt_ptr, lam_ptr, init_ptr, states_ptr, final_ptr,
     T, T_pad, H, G, P, N, num_chunks,
-    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_INIT: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    """U_c[p, n] for one (chunk, batch*head, P block): states[b, c, h, P block, :]."""
-    c, bh, pid_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """States entering each chunk, for one (batch*head, P block, N block), chunk after chunk:
+    S_c+1 = exp(Lam_end,c) S_c + sum_s exp(Lam_end,c - Lam_s) dt_s x_s (x) B_s."""
+    bh, pid_p, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     g = h // (H // G)
-    t = c * L + tl.arange(0, L)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    n = tl.arange(0, BLOCK_N)
-    in_t = t < T
-    x = tl.load(x_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
-                mask=in_t[:, None] & (p[None, :] < P), other=0.0)                  # [L, BP]
-    bm = tl.load(b_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :],
-                 mask=in_t[:, None] & (n[None, :] < N), other=0.0)                 # [L, BN]
-    dt = tl.load(dt_ptr + (b * T_pad + t) * H + h)                                 # [L] (padded)
-    lam = tl.load(lam_ptr + (b * T_pad + t) * H + h)
-    lam_end = tl.load(lam_ptr + (b * T_pad + c * L + L - 1) * H + h)
-    w = tl.exp(lam_end - lam) * dt
-    xw = (x.to(tl.float32) * w[:, None]).to(bm.dtype)
-    u = tl.dot(tl.trans(xw), bm, input_precision="ieee" if IEEE else "tf32")       # [BP, BN]
-    out = states_ptr + (((b * num_chunks + c) * H + h) * P + p[:, None]) * N + n[None, :]
-    tl.store(out, u, mask=(p[:, None] < P) & (n[None, :] < N))
-
-
-@triton.jit
-def _state_passing_fwd_kernel(
-    states_ptr, lam_ptr, init_ptr, final_ptr,
-    T_pad, H, PN, num_chunks,
-    L: tl.constexpr, BLOCK: tl.constexpr, HAS_INIT: tl.constexpr,
-):
-    """In place: states[b, c] := state entering chunk c; final_ptr gets the last state."""
-    bh, pid = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    e = pid * BLOCK + tl.arange(0, BLOCK)
-    m = e < PN
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_pn = (p[:, None] < P) & (n[None, :] < N)
+    pn = p[:, None] * N + n[None, :]
     if HAS_INIT:
-        s = tl.load(init_ptr + bh * PN + e, mask=m, other=0.0).to(tl.float32)
+        s = tl.load(init_ptr + bh * P * N + pn, mask=mask_pn, other=0.0).to(tl.float32)
     else:
-        s = tl.zeros([BLOCK], dtype=tl.float32)
+        s = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
     for c in range(num_chunks):
-        ptr = states_ptr + ((b * num_chunks + c) * H + h) * PN + e
-        u = tl.load(ptr, mask=m, other=0.0)
-        tl.store(ptr, s, mask=m)
-        decay = tl.exp(tl.load(lam_ptr + (b * T_pad + c * L + L - 1) * H + h))
-        s = decay * s + u
-    tl.store(final_ptr + bh * PN + e, s, mask=m)
+        tl.store(states_ptr + ((b * num_chunks + c) * H + h) * P * N + pn, s, mask=mask_pn)
+        t = c * L + tl.arange(0, L)
+        in_t = t < T
+        x = tl.load(x_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
+                    mask=in_t[:, None] & (p[None, :] < P), other=0.0)              # [L, BP]
+        bm = tl.load(b_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :],
+                     mask=in_t[:, None] & (n[None, :] < N), other=0.0)             # [L, BN]
+        dt = tl.load(dt_ptr + (b * T_pad + t) * H + h)                             # [L] (padded)
+        lam = tl.load(lam_ptr + (b * T_pad + t) * H + h)
+        lam_end = tl.load(lam_ptr + (b * T_pad + c * L + L - 1) * H + h)
+        xw = (x.to(tl.float32) * (tl.exp(lam_end - lam) * dt)[:, None]).to(bm.dtype)
+        s = tl.exp(lam_end) * s + tl.dot(tl.trans(xw), bm, input_precision="ieee" if IEEE else "tf32")
+    tl.store(final_ptr + bh * P * N + pn, s, mask=mask_pn)
 
 
 @_autotune
@@ -127,7 +111,7 @@ def _chunk_scan_fwd_kernel(
     y = tl.dot(w, x, input_precision=precision)                                    # [L, BP]
     s = tl.load(states_ptr + (((b * num_chunks + c) * H + h) * P + p[:, None]) * N + n[None, :],
                 mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)               # [BP, BN] fp32
-    y += tl.exp(lam)[:, None] * tl.dot(cm.to(tl.float32), tl.trans(s), input_precision="ieee" if IEEE else "tf32")
+    y += tl.exp(lam)[:, None] * tl.dot(cm, tl.trans(s.to(cm.dtype)), input_precision=precision)
     d = tl.load(d_ptr + h * P + p, mask=p < P, other=0.0)
     y += d[None, :] * x.to(tl.float32)
     y = tl.where((t >= transpoint)[:, None], y, 0.0)
@@ -136,57 +120,45 @@ def _chunk_scan_fwd_kernel(
 
 @_autotune
 @triton.jit
-def _chunk_dstate_bwd_kernel(
-    dy_ptr, c_ptr, lam_ptr, dstates_ptr,
-    T, T_pad, H, G, P, N, num_chunks, transpoint,
-    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+def _states_bwd_kernel(
+    dy_ptr, c_ptr, lam_ptr, states_ptr, final_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, dlam_end_ptr,
+    T, T_pad, H, G, P, N, num_chunks, transpoint, num_blocks,
+    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    """G_c[p, n] = sum_{t in c, t >= p} exp(Lam_t) dy_t[p] C_t[n]."""
-    c, bh, pid_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Gradients of the states leaving each chunk, last chunk first, for one (batch*head,
+    P block, N block): dS_c = exp(Lam_end,c) dS_c+1 + sum_{t in c, t >= p} exp(Lam_t) dy_t C_t;
+    also d initial_states and the partial sums <dS_out,c, S_end,c> of the chunk-end decay."""
+    bh, pid_p, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     g = h // (H // G)
-    t = c * L + tl.arange(0, L)
+    block = pid_p * tl.num_programs(2) + pid_n
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    n = tl.arange(0, BLOCK_N)
-    rows = (t < T) & (t >= transpoint)
-    dy = tl.load(dy_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
-                 mask=rows[:, None] & (p[None, :] < P), other=0.0)
-    cm = tl.load(c_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :],
-                 mask=rows[:, None] & (n[None, :] < N), other=0.0)
-    lam = tl.load(lam_ptr + (b * T_pad + t) * H + h)
-    dyw = (dy.to(tl.float32) * tl.exp(lam)[:, None]).to(cm.dtype)
-    gc = tl.dot(tl.trans(dyw), cm, input_precision="ieee" if IEEE else "tf32")
-    out = dstates_ptr + (((b * num_chunks + c) * H + h) * P + p[:, None]) * N + n[None, :]
-    tl.store(out, gc, mask=(p[:, None] < P) & (n[None, :] < N))
-
-
-@triton.jit
-def _state_passing_bwd_kernel(
-    dstates_ptr, states_ptr, final_ptr, dfinal_ptr, lam_ptr, dinit_ptr, dlam_end_ptr,
-    T_pad, H, PN, num_chunks, num_blocks,
-    L: tl.constexpr, BLOCK: tl.constexpr, HAS_DFINAL: tl.constexpr,
-):
-    """In place: dstates[b, c] := gradient of the state leaving chunk c; dinit; and per block
-    the partial sums <dS_out,c, S_end,c> of the chunk-end log-decay gradient."""
-    bh, pid = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    e = pid * BLOCK + tl.arange(0, BLOCK)
-    m = e < PN
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_pn = (p[:, None] < P) & (n[None, :] < N)
+    pn = p[:, None] * N + n[None, :]
     if HAS_DFINAL:
-        ds = tl.load(dfinal_ptr + bh * PN + e, mask=m, other=0.0).to(tl.float32)
+        ds = tl.load(dfinal_ptr + bh * P * N + pn, mask=mask_pn, other=0.0).to(tl.float32)
     else:
-        ds = tl.zeros([BLOCK], dtype=tl.float32)
-    s_end = tl.load(final_ptr + bh * PN + e, mask=m, other=0.0)
+        ds = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    s_end = tl.load(final_ptr + bh * P * N + pn, mask=mask_pn, other=0.0)
     for i in range(num_chunks):
         c = num_chunks - 1 - i
-        ptr = dstates_ptr + ((b * num_chunks + c) * H + h) * PN + e
-        gc = tl.load(ptr, mask=m, other=0.0)
-        tl.store(ptr, ds, mask=m)
-        tl.store(dlam_end_ptr + ((b * num_chunks + c) * H + h) * num_blocks + pid, tl.sum(ds * s_end))
-        decay = tl.exp(tl.load(lam_ptr + (b * T_pad + c * L + L - 1) * H + h))
-        ds = gc + decay * ds
-        s_end = tl.load(states_ptr + ((b * num_chunks + c) * H + h) * PN + e, mask=m, other=0.0)
-    tl.store(dinit_ptr + bh * PN + e, ds, mask=m)
+        base = ((b * num_chunks + c) * H + h) * P * N
+        tl.store(dstates_ptr + base + pn, ds, mask=mask_pn)
+        tl.store(dlam_end_ptr + ((b * num_chunks + c) * H + h) * num_blocks + block, tl.sum(ds * s_end))
+        s_end = tl.load(states_ptr + base + pn, mask=mask_pn, other=0.0)
+        t = c * L + tl.arange(0, L)
+        rows = (t < T) & (t >= transpoint)
+        dy = tl.load(dy_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
+                     mask=rows[:, None] & (p[None, :] < P), other=0.0)
+        cm = tl.load(c_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :],
+                     mask=rows[:, None] & (n[None, :] < N), other=0.0)
+        lam = tl.load(lam_ptr + (b * T_pad + t) * H + h)
+        lam_end = tl.load(lam_ptr + (b * T_pad + c * L + L - 1) * H + h)
+        dyw = (dy.to(tl.float32) * tl.exp(lam)[:, None]).to(cm.dtype)
+        ds = tl.exp(lam_end) * ds + tl.dot(tl.trans(dyw), cm, input_precision="ieee" if IEEE else "tf32")
+    tl.store(dinit_ptr + bh * P * N + pn, ds, mask=mask_pn)
 
 
 @_autotune
@@ -219,6 +191,8 @@ def _chunk_bwd_kernel(
     scores = tl.dot(cm, tl.trans(bm), input_precision=precision)                      # [t, s]
     state_base = ((b * num_chunks + c) * H + h) * P
 
+    # Dot operands in the input dtype (bf16/fp16 tensor cores; fp32 inputs stay exact, IEEE).
+    io = x_ptr.dtype.element_ty
     # Pass 1 over P: dy.v (for dC, dB), dy S_in (dC from the passed state), v dS_out (dB).
     dyv = tl.zeros([L, L], dtype=tl.float32)
     dc_acc = tl.zeros([L, BLOCK_N], dtype=tl.float32)
@@ -229,28 +203,28 @@ def _chunk_bwd_kernel(
         x = tl.load(x_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
                     mask=in_t[:, None] & mask_p[None, :], other=0.0)
         dy = tl.load(dy_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
-                     mask=rows[:, None] & mask_p[None, :], other=0.0)
+                     mask=rows[:, None] & mask_p[None, :], other=0.0).to(io)
         smask = mask_p[:, None] & (n[None, :] < N)
         s_in = tl.load(states_ptr + (state_base + p[:, None]) * N + n[None, :], mask=smask, other=0.0)
         ds_out = tl.load(dstates_ptr + (state_base + p[:, None]) * N + n[None, :], mask=smask, other=0.0)
-        v = (x.to(tl.float32) * dt[:, None])
-        dyv += tl.dot(dy.to(tl.float32), tl.trans(v), input_precision=precision)
-        dc_acc += tl.dot(dy.to(tl.float32), s_in, input_precision=precision)
-        db_acc += tl.dot(v, ds_out, input_precision=precision)
+        v = (x.to(tl.float32) * dt[:, None]).to(io)
+        dyv += tl.dot(dy, tl.trans(v), input_precision=precision)
+        dc_acc += tl.dot(dy, s_in.to(io), input_precision=precision)
+        db_acc += tl.dot(v, ds_out.to(io), input_precision=precision)
         tl.store(dd_ptr + ((b * num_chunks + c) * H + h) * P + p,
                  tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=0), mask=mask_p)
     wd = decay * dyv                                                                   # [t, s]
-    dc = e_out[:, None] * dc_acc + tl.dot(wd, bm.to(tl.float32), input_precision=precision)
-    db = e_src[:, None] * db_acc + tl.dot(tl.trans(wd), cm.to(tl.float32), input_precision=precision)
+    dc = e_out[:, None] * dc_acc + tl.dot(wd.to(io), bm, input_precision=precision)
+    db = e_src[:, None] * db_acc + tl.dot(tl.trans(wd).to(io), cm, input_precision=precision)
     dc = tl.where(rows[:, None], dc, 0.0)
     dlam = tl.sum(cm.to(tl.float32) * dc, axis=1) - tl.sum(bm.to(tl.float32) * db, axis=1)
     dbc_off = ((b * T + t[:, None]) * H + h) * N + n[None, :]
-    tl.store(db_ptr + dbc_off, db, mask=mask_n)
-    tl.store(dc_ptr + dbc_off, dc, mask=mask_n)
+    tl.store(db_ptr + dbc_off, db.to(db_ptr.dtype.element_ty), mask=mask_n)
+    tl.store(dc_ptr + dbc_off, dc.to(dc_ptr.dtype.element_ty), mask=mask_n)
     tl.store(dlam_ptr + (b * T_pad + t) * H + h, dlam)
 
     # Pass 2 over P: dv = (decay*scores)^T dy + e_src B dS_out^T; dx = dv dt + D dy.
-    ws = tl.trans(decay * scores)                                                      # [s, t]
+    ws = tl.trans(decay * scores).to(io)                                               # [s, t]
     ddt = tl.zeros([L], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
@@ -258,11 +232,11 @@ def _chunk_bwd_kernel(
         mask_x = in_t[:, None] & mask_p[None, :]
         x = tl.load(x_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=mask_x, other=0.0)
         dy = tl.load(dy_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
-                     mask=rows[:, None] & mask_p[None, :], other=0.0)
+                     mask=rows[:, None] & mask_p[None, :], other=0.0).to(io)
         ds_out = tl.load(dstates_ptr + (state_base + p[:, None]) * N + n[None, :],
                          mask=mask_p[:, None] & (n[None, :] < N), other=0.0)
-        dv = tl.dot(ws, dy.to(tl.float32), input_precision=precision)
-        dv += e_src[:, None] * tl.dot(bm.to(tl.float32), tl.trans(ds_out), input_precision=precision)
+        dv = tl.dot(ws, dy, input_precision=precision)
+        dv += e_src[:, None] * tl.dot(bm, tl.trans(ds_out.to(io)), input_precision=precision)
         d = tl.load(d_ptr + h * P + p, mask=mask_p, other=0.0)
         dx = dv * dt[:, None] + d[None, :] * dy.to(tl.float32)
         tl.store(dx_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
@@ -275,6 +249,10 @@ def _block_sizes(P: int, N: int) -> tuple[int, int]:
     block_n = max(16, triton.next_power_of_2(N))
     block_p = min(64, max(16, triton.next_power_of_2(P)))
     return block_p, block_n
+
+
+def _state_block_sizes(P: int, N: int) -> tuple[int, int]:
+    return min(64, max(16, triton.next_power_of_2(P))), min(64, max(16, triton.next_power_of_2(N)))
 
 
 def _chunk_lambda(dt: torch.Tensor, A: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -295,15 +273,13 @@ def _ssd_fwd(x, dt, A, B, C, D, initial_states, chunk_size, transpoint):
     block_p, block_n = _block_sizes(P, N)
     ieee = x.dtype == torch.float32
     states = torch.empty(batch, num_chunks, H, P, N, dtype=torch.float32, device=x.device)
-    grid = (num_chunks, batch * H, triton.cdiv(P, block_p))
-    _chunk_state_fwd_kernel[grid](x, B, dt_pad, lam, states, T, num_chunks * L, H, G, P, N,
-                                  num_chunks, L=L, BLOCK_P=block_p, BLOCK_N=block_n, IEEE=ieee)
     final = torch.empty(batch, H, P, N, dtype=torch.float32, device=x.device)
-    block = min(1024, triton.next_power_of_2(P * N))
     init = initial_states.float().contiguous() if initial_states is not None else final
-    _state_passing_fwd_kernel[(batch * H, triton.cdiv(P * N, block))](
-        states, lam, init, final, num_chunks * L, H, P * N, num_chunks, L=L, BLOCK=block,
-        HAS_INIT=initial_states is not None)
+    state_bp, state_bn = _state_block_sizes(P, N)
+    _states_fwd_kernel[(batch * H, triton.cdiv(P, state_bp), triton.cdiv(N, state_bn))](
+        x, B, dt_pad, lam, init, states, final, T, num_chunks * L, H, G, P, N, num_chunks,
+        L=L, BLOCK_P=state_bp, BLOCK_N=state_bn, HAS_INIT=initial_states is not None, IEEE=ieee)
+    grid = (num_chunks, batch * H, triton.cdiv(P, block_p))
     y = torch.empty_like(x)
     _chunk_scan_fwd_kernel[grid](x, B, C, dt_pad, lam, D, states, y, T, num_chunks * L, H, G, P, N,
                                  num_chunks, transpoint, L=L, BLOCK_P=block_p, BLOCK_N=block_n,
@@ -321,19 +297,20 @@ def _ssd_bwd(dy, dfinal, x, dt, A, B, C, D, states, final, dt_pad, lam, chunk_si
     ieee = x.dtype == torch.float32
     dy = dy.contiguous()
     dstates = torch.empty_like(states)
-    _chunk_dstate_bwd_kernel[(num_chunks, batch * H, triton.cdiv(P, block_p))](
-        dy, C, lam, dstates, T, T_pad, H, G, P, N, num_chunks, transpoint, L=L,
-        BLOCK_P=block_p, BLOCK_N=block_n, IEEE=ieee)
-    block = min(1024, triton.next_power_of_2(P * N))
-    num_blocks = triton.cdiv(P * N, block)
+    state_bp, state_bn = _state_block_sizes(P, N)
+    state_grid = (batch * H, triton.cdiv(P, state_bp), triton.cdiv(N, state_bn))
+    num_blocks = state_grid[1] * state_grid[2]
     dinit = torch.empty(batch, H, P, N, dtype=torch.float32, device=x.device)
     dlam_end = torch.empty(batch, num_chunks, H, num_blocks, dtype=torch.float32, device=x.device)
-    _state_passing_bwd_kernel[(batch * H, num_blocks)](
-        dstates, states, final, dfinal if dfinal is not None else final, lam, dinit, dlam_end,
-        T_pad, H, P * N, num_chunks, num_blocks, L=L, BLOCK=block, HAS_DFINAL=dfinal is not None)
+    _states_bwd_kernel[state_grid](
+        dy, C, lam, states, final, dfinal if dfinal is not None else final, dstates, dinit,
+        dlam_end, T, T_pad, H, G, P, N, num_chunks, transpoint, num_blocks, L=L, BLOCK_P=state_bp,
+        BLOCK_N=state_bn, HAS_DFINAL=dfinal is not None, IEEE=ieee)
     dx = torch.empty_like(x)
-    db = torch.empty(batch, T, H, N, dtype=torch.float32, device=x.device)
-    dc = torch.empty(batch, T, H, N, dtype=torch.float32, device=x.device)
+    # One group per head: the per-head gradients are the answer, written in B's dtype.
+    per_head_dtype = B.dtype if G == H else torch.float32
+    db = torch.empty(batch, T, H, N, dtype=per_head_dtype, device=x.device)
+    dc = torch.empty(batch, T, H, N, dtype=per_head_dtype, device=x.device)
     ddt = torch.empty(batch, T_pad, H, dtype=torch.float32, device=x.device)
     dlam = torch.empty(batch, T_pad, H, dtype=torch.float32, device=x.device)
     dd = torch.empty(batch, num_chunks, H, P, dtype=torch.float32, device=x.device)
@@ -347,8 +324,8 @@ def _ssd_bwd(dy, dfinal, x, dt, A, B, C, D, states, final, dt_pad, lam, chunk_si
     da = dlam.flip(2).cumsum(2).flip(2).reshape(batch, T_pad, H)[:, :T]              # d(A dt_r)
     ddt = ddt[:, :T] + da * A.float()
     dA = (da * dt_pad[:, :T]).sum((0, 1))
-    dB = db.view(batch, T, G, H // G, N).sum(3)
-    dC = dc.view(batch, T, G, H // G, N).sum(3)
+    dB = db if G == H else db.view(batch, T, G, H // G, N).sum(3)
+    dC = dc if G == H else dc.view(batch, T, G, H // G, N).sum(3)
     return dx, ddt, dA, dB, dC, dinit, dd.sum((0, 1))
 
 

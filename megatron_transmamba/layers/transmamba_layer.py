@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import get_tensor_model_parallel_group_if_none
 from torch import Tensor
 
 from megatron_transmamba.config import TransMambaConfig
@@ -20,9 +21,10 @@ class TransMambaLayer(MegatronModule):
                  tp_group: Optional[torch.distributed.ProcessGroup] = None):
         super().__init__(config)
         self.layer_number = layer_number
+        self.tp_group = get_tensor_model_parallel_group_if_none(tp_group)  # sharded_state_dict
         self.transpoint = config.transpoint_of_layer(layer_number - 1)
         self.norm = RMSNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
-        self.mixer = TransMambaMixer(config, self.transpoint, layer_number, tp_group=tp_group)
+        self.mixer = TransMambaMixer(config, self.transpoint, layer_number, tp_group=self.tp_group)
 
     def forward(self, hidden_states: Tensor, attention_mask=None, rotary_pos_emb=None,
                 **unused) -> tuple[Tensor, None]:

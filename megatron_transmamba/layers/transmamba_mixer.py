@@ -8,7 +8,9 @@ only) and the shared ``out_proj`` finish the layer. With TransPoint 0 it is a Ma
 
 Tensor parallel layout (megatron-core's Mamba layout): each rank owns H/tp heads and G/tp
 groups; its in_proj rows are ``[z_r | x_r | B_r | C_r | dt_r]`` (column-parallel), conv
-channels, A_log, D, dt_bias and norm weight follow its heads, out_proj is row-parallel.
+channels, A_log, D, dt_bias and norm weight follow its heads, out_proj is row-parallel. The
+parameters are drawn at full size and cut to this rank's components, so the initial model is
+the same whatever the TP size; ``sharded_state_dict`` stores every component separately.
 """
 
 from __future__ import annotations
@@ -22,19 +24,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.utils import get_pg_size, get_tensor_model_parallel_group_if_none
+from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group,
+                                             make_sharded_tensors_for_checkpoint)
+from megatron.core.utils import get_pg_rank, get_pg_size, get_tensor_model_parallel_group_if_none
 from torch import Tensor
 
 from megatron_transmamba.config import TransMambaConfig
 from megatron_transmamba.layers.rotary import apply_rope
 from megatron_transmamba.layers.mixer_core import (gated_grouped_rmsnorm, transmamba_core_torch,
                                                    transmamba_core_triton)
+from megatron_transmamba.parallel.tensor_parallel import local_components, split_sharded_tensor
 
 _CORES = {"torch": transmamba_core_torch, "triton": transmamba_core_triton}
+IN_PROJ_COMPONENTS = ("z", "x", "B", "C", "dt")
+CONV_COMPONENTS = ("x", "B", "C")
 
 
 def _mark_tensor_parallel(param: nn.Parameter) -> None:
     tensor_parallel.set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
+
+
+def _initialized_later(weight: Tensor) -> None:
+    """in_proj's init_method: ``reset_parameters`` fills it, component by component."""
 
 
 class TransMambaMixer(MegatronModule):
@@ -47,26 +58,31 @@ class TransMambaMixer(MegatronModule):
         self.transpoint = int(transpoint)
         self.layer_number = layer_number
         self.tp_group = get_tensor_model_parallel_group_if_none(tp_group)
-        tp_size = get_pg_size(self.tp_group)
+        self.tp_size, self.tp_rank = get_pg_size(self.tp_group), get_pg_rank(self.tp_group)
         H, P, G, N = (config.mamba_num_heads, config.mamba_head_dim, config.mamba_num_groups,
                       config.mamba_state_dim)
-        if H % tp_size or G % tp_size:
-            raise ValueError(f"mamba_num_heads={H} and mamba_num_groups={G} must be divisible by "
-                             f"the tensor-parallel size {tp_size}")
-        self.heads, self.groups = H // tp_size, G // tp_size          # local to this rank
+        for name, value in (("mamba_num_heads", H), ("mamba_num_groups", G)):
+            if value % self.tp_size:
+                raise ValueError(f"model.{name}={value} must be divisible by the tensor-parallel "
+                                 f"size {self.tp_size} (parallel.tensor_model_parallel_size)")
+        self.heads, self.groups = H // self.tp_size, G // self.tp_size      # local to this rank
         self.head_dim, self.state_dim = P, N
         self.inner = self.heads * P                                   # local H*P
         self.conv_channels = self.inner + 2 * self.groups * N
         self.softmax_scale = 1.0 / math.sqrt(N)
         self.core = _CORES[config.mixer_backend]
+        # Full (TP = 1) sizes of the components of in_proj's rows and of the conv channels.
+        self.in_proj_sections = (H * P, H * P, G * N, G * N, H)
+        self.conv_sections = (H * P, G * N, G * N)
 
         self.in_proj = tensor_parallel.ColumnParallelLinear(
-            config.hidden_size, 2 * H * P + 2 * G * N + H, config=config,
-            init_method=config.init_method, bias=False, gather_output=False,
+            config.hidden_size, sum(self.in_proj_sections), config=config,
+            init_method=_initialized_later, bias=False, gather_output=False,
             tp_group=self.tp_group)
-        self.conv1d = nn.Conv1d(self.conv_channels, self.conv_channels, config.mamba_conv_kernel,
-                                groups=self.conv_channels, padding=config.mamba_conv_kernel - 1,
-                                bias=True, dtype=config.params_dtype)
+        self.conv1d = nn.utils.skip_init(
+            nn.Conv1d, self.conv_channels, self.conv_channels, config.mamba_conv_kernel,
+            groups=self.conv_channels, padding=config.mamba_conv_kernel - 1, bias=True,
+            dtype=config.params_dtype)
         self.dt_bias = nn.Parameter(torch.empty(self.heads, dtype=torch.float32))
         self.A_log = nn.Parameter(torch.empty(self.heads, dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(self.heads, dtype=torch.float32))
@@ -78,18 +94,59 @@ class TransMambaMixer(MegatronModule):
             H * P, config.hidden_size, config=config, init_method=config.output_layer_init_method,
             bias=False, input_is_parallel=True, skip_bias_add=True, tp_group=self.tp_group)
         if config.perform_initialization:
-            self.reset_ssm_parameters()
+            self.reset_parameters()
 
     @torch.no_grad()
-    def reset_ssm_parameters(self) -> None:
-        """Mamba-2 initialisation of dt_bias, A_log, D and the norm weight."""
-        cfg = self.config
-        dt = torch.exp(torch.rand(self.heads) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
+    def reset_parameters(self) -> None:
+        """Mamba-2 initialisation of in_proj, conv1d, dt_bias, A_log, D and the norm weight.
+
+        Each is drawn at full (TP = 1) size from the default RNG, which every rank seeds alike,
+        and cut to this rank's components: the model starts the same at every TP size.
+        """
+        cfg, H = self.config, self.config.mamba_num_heads
+        local = partial(local_components, rank=self.tp_rank, size=self.tp_size)
+        in_proj = torch.empty(sum(self.in_proj_sections), cfg.hidden_size)
+        cfg.init_method(in_proj)
+        self.in_proj.weight.copy_(local(in_proj, self.in_proj_sections))
+        # nn.Conv1d's default init: uniform(+-1/sqrt(fan_in)), fan_in = kernel width (depthwise).
+        bound = 1.0 / math.sqrt(cfg.mamba_conv_kernel)
+        channels = sum(self.conv_sections)
+        conv_weight = torch.empty(channels, 1, cfg.mamba_conv_kernel).uniform_(-bound, bound)
+        conv_bias = torch.empty(channels).uniform_(-bound, bound)
+        self.conv1d.weight.copy_(local(conv_weight, self.conv_sections))
+        self.conv1d.bias.copy_(local(conv_bias, self.conv_sections))
+        dt = torch.exp(torch.rand(H) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
                        + math.log(cfg.dt_min)).clamp(min=cfg.dt_init_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))        # inverse softplus
-        self.A_log.copy_(torch.log(torch.empty(self.heads).uniform_(*cfg.A_init_range)))
+        self.dt_bias.copy_(local(dt + torch.log(-torch.expm1(-dt)), [H]))   # inverse softplus
+        self.A_log.copy_(local(torch.log(torch.empty(H).uniform_(*cfg.A_init_range)), [H]))
         self.D.fill_(1.0)
         self.norm_weight.fill_(1.0)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None) -> dict:
+        """dist_checkpointing view: every parameter sharded by head / group over the TP group;
+        in_proj.weight stored as z, x, B, C, dt and conv1d as x, B, C (each a whole tensor in
+        the checkpoint, so it loads at any TP size that divides H and G)."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        groups = dict(tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+        own = {}
+        self._save_to_state_dict(own, "", keep_vars=True)          # dt_bias, A_log, D, norm_weight
+        sharded = make_sharded_tensors_for_checkpoint(own, prefix, {name: 0 for name in own},
+                                                      sharded_offsets, **groups)
+        sharded.update(make_sharded_tensors_for_checkpoint(
+            self.conv1d.state_dict(keep_vars=True), f"{prefix}conv1d.", {"weight": 0, "bias": 0},
+            sharded_offsets, **groups))
+        for name in ("in_proj", "out_proj"):
+            sharded.update(getattr(self, name).sharded_state_dict(f"{prefix}{name}.",
+                                                                   sharded_offsets, metadata))
+        key = f"{prefix}in_proj.weight"
+        sharded[key] = split_sharded_tensor(
+            sharded[key], [s // self.tp_size for s in self.in_proj_sections], IN_PROJ_COMPONENTS)
+        for name in ("weight", "bias"):
+            key = f"{prefix}conv1d.{name}"
+            sharded[key] = split_sharded_tensor(
+                sharded[key], [s // self.tp_size for s in self.conv_sections], CONV_COMPONENTS)
+        return sharded
 
     def forward(self, hidden_states: Tensor, rotary_pos_emb: Optional[Tensor] = None,
                 **unused) -> tuple[Tensor, None]:

@@ -6,6 +6,8 @@ single process on a free localhost port. With CUDA it uses NCCL on ``cuda:LOCAL_
 without CUDA it uses gloo on the CPU and applies ``cpu_compat.apply_cpu_compat()`` first.
 The layout is checked before any rendezvous, so a bad layout fails on every rank at once
 instead of hanging in a collective, and the process group gets a finite timeout.
+``DistributedInfo.process_groups`` is the one place the model and the schedules get their
+process groups from (``model_process_groups``); modules never read megatron's globals.
 """
 
 import os
@@ -13,7 +15,7 @@ import random
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -38,6 +40,8 @@ class DistributedInfo:
     data_parallel_size: int
     device: torch.device
     backend: str
+    process_groups: Any = None
+    """megatron-core ``ProcessGroupCollection`` (tp, cp, pp, embd, pos_embd, dp, dp_cp, mp)."""
 
 
 def find_free_port() -> int:
@@ -65,6 +69,17 @@ def validate_layout(
             f"launch a multiple of {tp * pp} processes or change the layout"
         )
     return world_size // (tp * pp)
+
+
+MODEL_PROCESS_GROUPS = ("tp", "cp", "pp", "embd", "pos_embd", "dp", "dp_cp", "mp")
+
+
+def model_process_groups():
+    """The process groups the model, megatron-core's schedules and finalize_model_grads use,
+    as a ``ProcessGroupCollection`` built from megatron's parallel state."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return ProcessGroupCollection.use_mpu_process_groups(required_pgs=list(MODEL_PROCESS_GROUPS))
 
 
 def initialize_distributed(
@@ -138,6 +153,7 @@ def initialize_distributed(
         data_parallel_size=data_parallel_size,
         device=device,
         backend=backend,
+        process_groups=model_process_groups(),
     )
 
 

@@ -56,7 +56,8 @@ class TrainingConfig:
     """Stop after this step (saving a checkpoint when checkpoint.save is set), e.g. to fit a job
     into a time slot; resuming continues the same schedule up to train_iters."""
     make_vocab_size_divisible_by: int = 64
-    """The LM head's vocabulary is padded to a multiple of this times the TP size."""
+    """The vocabulary is padded to a multiple of lcm(this, TP size): the same padded model at
+    every TP size that divides it."""
 
 
 @dataclass
@@ -81,8 +82,12 @@ class LoggingConfig:
 @dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
+    """Ranks that split every layer (heads, groups, FFN, vocabulary); launch a multiple of
+    tensor x pipeline parallel size processes (the rest is data parallelism)."""
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    """Shard norms and residuals along the sequence over the tensor-parallel ranks (needs
+    tensor_model_parallel_size > 1 and seq_length divisible by it)."""
 
 
 @dataclass
@@ -213,6 +218,8 @@ def _validate(cfg: RunConfig) -> None:
     p = cfg.parallel
     if p.tensor_model_parallel_size < 1 or p.pipeline_model_parallel_size < 1:
         raise ValueError("parallel.tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1")
+    if p.sequence_parallel and p.tensor_model_parallel_size == 1:
+        raise ValueError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
     if p.pipeline_model_parallel_size > 1:
         raise ValueError("parallel.pipeline_model_parallel_size > 1 is not supported yet "
                          "(pipeline parallelism lands with issue #5)")

@@ -2,7 +2,11 @@
 forward/backward schedule, periodic validation, checkpoints, TensorBoard and a progress bar.
 
 ``pretrain(run_config)`` is what ``examples/pretrain.py`` calls under torchrun. The model math
-lives in ``megatron_transmamba.models``; this file only wires data, optimizer and logging.
+lives in ``megatron_transmamba.models``; this file only wires data, optimizer and logging. The
+parallel layout comes from the run config's ``parallel`` section: the model config is built
+and checked before any process group exists, so a layout that does not divide the model fails
+on every rank at once; the model, the schedule and finalize_model_grads get their process
+groups from ``initialize_distributed``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from megatron_transmamba.config import TransMambaConfig
 from megatron_transmamba.data.datasets import build_data_loader, build_pretraining_datasets
 from megatron_transmamba.data.tokenizer import build_tokenizer
 from megatron_transmamba.models.language_model import TransMambaLanguageModel, count_parameters
-from megatron_transmamba.parallel.initialize import destroy_distributed, initialize_distributed
+from megatron_transmamba.parallel.initialize import (destroy_distributed, initialize_distributed,
+                                                     validate_layout)
 from megatron_transmamba.training import checkpoint as ckpt
 from megatron_transmamba.training.config import RunConfig
 
@@ -45,11 +50,23 @@ class TrainResult:
 
 
 def pad_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
-    multiple = divisible_by * tp_size
+    """Pad to a multiple of lcm(divisible_by, tp_size): the padded vocabulary, and with it the
+    model, is the same for every TP size that divides ``divisible_by``."""
+    multiple = math.lcm(divisible_by, tp_size)
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+def resolve_bf16(t) -> bool:
+    """``training.precision``: bf16 on GPU and fp32 on CPU for ``auto``."""
+    on_gpu = torch.cuda.is_available()
+    if t.precision == "bf16" and not on_gpu:
+        raise ValueError("training.precision='bf16' needs a GPU; use 'fp32' or 'auto' on CPU")
+    return t.precision == "bf16" or (t.precision == "auto" and on_gpu)
+
+
 def build_model_config(cfg: RunConfig, use_bf16: bool) -> TransMambaConfig:
+    """The model config with the run's parallel layout; raises ValueError naming the field when
+    the layout does not divide the model (heads, groups, FFN, sequence under SP)."""
     return TransMambaConfig(
         **cfg.model,
         tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
@@ -57,6 +74,44 @@ def build_model_config(cfg: RunConfig, use_bf16: bool) -> TransMambaConfig:
         sequence_parallel=cfg.parallel.sequence_parallel,
         bf16=use_bf16, params_dtype=torch.bfloat16 if use_bf16 else torch.float32,
         use_cpu_initialization=True)
+
+
+def check_run_config(cfg: RunConfig, world_size: int) -> TransMambaConfig:
+    """Everything that can be checked before the processes meet: the world size against the
+    layout and the model against the layout. Raises ValueError naming the field."""
+    p = cfg.parallel
+    validate_layout(world_size, p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    return build_model_config(cfg, resolve_bf16(cfg.training))
+
+
+def wrap_model(model, model_config: TransMambaConfig, bf16: bool):
+    """megatron-core DDP (fp32 grad buffers, no distributed optimizer) around the model."""
+    if bf16:
+        model = Float16Module(model_config, model)
+    model_config.no_sync_func = None
+    ddp_model = DistributedDataParallel(
+        config=model_config,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                 use_distributed_optimizer=False),
+        module=model)
+    # Called by the schedule after backward: DP all-reduce, and the TP all-reduce of the norm
+    # weights' partial gradients under sequence parallelism (their `sequence_parallel` flag).
+    model_config.finalize_model_grads_func = finalize_model_grads
+    return ddp_model
+
+
+def build_optimizer(ddp_model, t, bf16: bool, params_dtype: torch.dtype):
+    """megatron-core Adam(W) with global-norm clipping and its warmup + decay LR scheduler."""
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+                        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
+                        clip_grad=t.clip_grad, bf16=bf16, params_dtype=params_dtype),
+        [ddp_model])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.lr_warmup_iters,
+        lr_decay_steps=t.train_iters, lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay,
+        end_wd=t.weight_decay, wd_incr_steps=t.train_iters, wd_incr_style="constant")
+    return optimizer, scheduler
 
 
 def _forward_step(data_iterator: Iterator, model, device: torch.device):
@@ -129,25 +184,27 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     """Train per ``cfg``; returns the losses seen (on every rank)."""
     start_time = time.time()
     t, p = cfg.training, cfg.parallel
+    bf16 = resolve_bf16(t)
+    model_config = build_model_config(cfg, bf16)       # before any rendezvous: fails on every rank
     info = initialize_distributed(tensor_model_parallel_size=p.tensor_model_parallel_size,
                                   pipeline_model_parallel_size=p.pipeline_model_parallel_size,
                                   seed=t.seed)
     try:
-        return _pretrain(cfg, info, start_time)
+        return _pretrain(cfg, info, model_config, bf16, start_time)
     finally:
         destroy_distributed()
 
 
-def _pretrain(cfg: RunConfig, info, start_time: float) -> TrainResult:
-    t = cfg.training
+def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bool,
+              start_time: float) -> TrainResult:
+    t, p = cfg.training, cfg.parallel
     device = info.device
-    use_bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
-    if use_bf16 and device.type != "cuda":
-        raise ValueError("training.precision='bf16' needs a GPU; use 'fp32' or 'auto' on CPU")
     rank0 = info.rank == 0
-    if cfg.checkpoint.save and info.world_size > 1:
-        raise ValueError("checkpoint.save: checkpoints are single-process for now; distributed "
-                         "checkpoints land with issue #6")
+    groups = info.process_groups
+    layout = {"world_size": info.world_size,
+              "tensor_model_parallel_size": p.tensor_model_parallel_size,
+              "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+              "sequence_parallel": p.sequence_parallel}
     dp_size, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     global_batch = t.global_batch_size or t.micro_batch_size * dp_size
     if global_batch % (t.micro_batch_size * dp_size):
@@ -156,33 +213,16 @@ def _pretrain(cfg: RunConfig, info, start_time: float) -> TrainResult:
     num_micro = global_batch // (t.micro_batch_size * dp_size)
 
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
-    model_config = build_model_config(cfg, use_bf16)
     vocab_size = pad_vocab_size(tokenizer.vocab_size, t.make_vocab_size_divisible_by,
-                                cfg.parallel.tensor_model_parallel_size)
-    model = TransMambaLanguageModel(model_config, vocab_size).to(device)
-    num_params = count_parameters(model)
-    if use_bf16:
-        model = Float16Module(model_config, model)
-    model_config.no_sync_func = None
-    ddp_model = DistributedDataParallel(
-        config=model_config,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                 use_distributed_optimizer=False),
-        module=model)
-    model_config.finalize_model_grads_func = finalize_model_grads
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
-                        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
-                        clip_grad=t.clip_grad, bf16=use_bf16, params_dtype=model_config.params_dtype),
-        [ddp_model])
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.lr_warmup_iters,
-        lr_decay_steps=t.train_iters, lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay,
-        end_wd=t.weight_decay, wd_incr_steps=t.train_iters, wd_incr_style="constant")
+                                p.tensor_model_parallel_size)
+    model = TransMambaLanguageModel(model_config, vocab_size, pg_collection=groups).to(device)
+    num_params = count_parameters(model, p.tensor_model_parallel_size)
+    ddp_model = wrap_model(model, model_config, use_bf16)
+    optimizer, scheduler = build_optimizer(ddp_model, t, use_bf16, model_config.params_dtype)
 
     step, consumed = 0, 0
     if cfg.checkpoint.resume:
-        state = ckpt.load_latest_checkpoint(cfg.checkpoint.save)
+        state = ckpt.load_latest_checkpoint(cfg.checkpoint.save, layout)
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -200,7 +240,7 @@ def _pretrain(cfg: RunConfig, info, start_time: float) -> TrainResult:
     train_loader = build_data_loader(train_ds, consumed, t.micro_batch_size, dp_rank, dp_size,
                                      cfg.data.num_workers)
     train_iter = iter(train_loader)
-    forward_backward = get_forward_backward_func()
+    forward_backward = partial(get_forward_backward_func(), pg_collection=groups)
     forward_step = partial(_forward_step, device=device)
 
     def evaluate() -> float:
@@ -219,7 +259,8 @@ def _pretrain(cfg: RunConfig, info, start_time: float) -> TrainResult:
     if rank0:
         log.line(f"model: {num_params:,} parameters | pattern {model_config.layer_pattern} | "
                  f"TransPoints {list(model_config.transpoints)} | T={seq_length} | "
-                 f"layout TP={cfg.parallel.tensor_model_parallel_size} x DP={dp_size} | "
+                 f"layout TP={p.tensor_model_parallel_size}{' (SP)' if p.sequence_parallel else ''}"
+                 f" x DP={dp_size} | "
                  f"{device.type} {'bf16' if use_bf16 else 'fp32'} | global batch {global_batch}")
     if t.eval_interval and step == 0:
         result.initial_valid_loss = evaluate()
@@ -266,7 +307,7 @@ def _pretrain(cfg: RunConfig, info, start_time: float) -> TrainResult:
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
                 "consumed_samples": consumed, "config": cfg.to_dict()},
-                keep_last=cfg.checkpoint.keep_last)
+                keep_last=cfg.checkpoint.keep_last, layout=layout)
             log.line(f"step {step:>6} | saved {path}")
         if stopping:
             log.line(f"step {step:>6} | stopping (training.exit_at_step)")

@@ -5,7 +5,8 @@
 
 Tables: (1) bf16 error of the Triton SSD against the float32 reference, next to PyTorch's own
 bf16 error (the same chunked algorithm computed in bf16), forward and backward; (2) times
-(median of triton.testing.do_bench, ms) of our SSD forward and forward+backward, our mixer core
+(median of triton.testing.do_bench, ms; backward through torch.autograd.grad, so no
+gradient accumulation into leaves is timed) of our SSD forward and forward+backward, our mixer core
 (SDPA on [0, p) + the Triton SSD) at p = 0, T/4, T/2, T, SDPA causal attention on the same
 shapes, and fla's chunk_simple_gla forward when fla-core is importable.
 """
@@ -103,7 +104,7 @@ def timing_table(layouts, lengths, tokens, chunks, device, fla):
 
                 def fwd_bwd():
                     out = chunk_ssd_triton(leaves[0], leaves[1], A, leaves[2], leaves[3], chunk, D=D)
-                    out.backward(dy)
+                    torch.autograd.grad(out, leaves, dy)
                 both = bench(fwd_bwd)
                 if best is None or both < best[2]:
                     best = (chunk, fwd, both)
@@ -113,13 +114,14 @@ def timing_table(layouts, lengths, tokens, chunks, device, fla):
                 def core_fb(p=p):
                     out = transmamba_core_triton(leaves[0], leaves[1], A, leaves[2], leaves[3], D, p,
                                                  chunk, N ** -0.5)
-                    out.backward(dy)
+                    torch.autograd.grad(out, leaves, dy, allow_unused=True)
                 cores.append(bench(core_fb))
             q, k = [t.detach().clone().requires_grad_(True) for t in (C, B)]
             v = x.detach().clone().requires_grad_(True)
             sdpa_f = bench(lambda: grouped_attention(q, k, v, N ** -0.5))
             attn_dy = torch.randn_like(x)
-            sdpa_fb = bench(lambda: grouped_attention(q, k, v, N ** -0.5).backward(attn_dy))
+            sdpa_fb = bench(lambda: torch.autograd.grad(grouped_attention(q, k, v, N ** -0.5),
+                                                        (q, k, v), attn_dy))
             row = (f"| {H},{G},{P},{N} | {T} | {batch} | {chunk} | {fwd:.3f} | {both:.3f} | "
                    + " | ".join(f"{c:.3f}" for c in cores) + f" | {sdpa_f:.3f} | {sdpa_fb:.3f} |")
             if fla:
