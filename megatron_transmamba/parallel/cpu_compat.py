@@ -305,6 +305,21 @@ PATCHES: Tuple[object, ...] = (
         )
     ),
     CudaNames(
+        "megatron.core.dist_checkpointing.strategies.filesystem_async",
+        ("synchronize",),
+        "dist_checkpointing save: preload_tensors syncs after its device-to-host copies",
+    ),
+    CudaNames(
+        "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+        ("current_device",),
+        "dist_checkpointing save: the failure flag broadcast after writing",
+    ),
+    Constants(
+        "megatron.core.dist_checkpointing.strategies.state_dict_saver:verify_global_md_reuse",
+        _CUDA_TO_CPU,
+        "dist_checkpointing save with cached plans: the all-reduced reuse flag on 'cuda'",
+    ),
+    CudaNames(
         "megatron.core.pipeline_parallel.p2p_communication",
         ("current_device", "synchronize"),
         "receive buffers and shape exchange on the current device; sync after batched p2p",

@@ -22,16 +22,20 @@ import tempfile
 PENDING, STARTED, FAILED, DONE = "pending", "started", "failed", "done"
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to a temporary file in the same folder, fsync, then rename over ``path``."""
+def write_text_atomic(path: str, text: str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``: a reader
+    (or a crash) sees the old file or the whole new one, never a part."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)           # mkstemp's 0600 would hide results from others
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -39,13 +43,8 @@ def write_json_atomic(path: str, obj) -> None:
         raise
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def write_json_atomic(path: str, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_json(path: str):

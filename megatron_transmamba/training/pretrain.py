@@ -114,7 +114,9 @@ def build_optimizer(ddp_model, t, bf16: bool, params_dtype: torch.dtype):
     return optimizer, scheduler
 
 
-def _forward_step(data_iterator: Iterator, model, device: torch.device):
+def lm_forward_step(data_iterator: Iterator, model, device: torch.device):
+    """megatron-core forward_step_func: next batch (tokens, labels, loss_mask) -> per-token loss
+    and the masked-mean loss function."""
     batch = next(data_iterator)
     tokens = batch["tokens"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
@@ -241,7 +243,7 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
                                      cfg.data.num_workers)
     train_iter = iter(train_loader)
     forward_backward = partial(get_forward_backward_func(), pg_collection=groups)
-    forward_step = partial(_forward_step, device=device)
+    forward_step = partial(lm_forward_step, device=device)
 
     def evaluate() -> float:
         ddp_model.eval()

@@ -39,6 +39,7 @@ MEGATRON_PATH_IMPORTS = (
     "megatron.core.optimizer_param_scheduler",
     "megatron.core.pipeline_parallel",
     "megatron.core.dist_checkpointing",
+    "megatron.core.dist_checkpointing.strategies.torch",  # save / load (sharded_state_dict)
 )
 
 _SCAN = """
