@@ -20,12 +20,13 @@ dC and the log-decay gradient per chunk; per-head dB/dC are summed over each gro
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .naive import _check_inputs
+from .naive import _check_initial_states, _check_inputs, _documents
 
 __all__ = ["chunk_ssd_triton"]
 
@@ -43,10 +44,10 @@ _autotune = triton.autotune(configs=_tuning_configs(), key=["P", "N", "L"])
 @_autotune
 @triton.jit
 def _states_fwd_kernel(
-    x_ptr, b_ptr, dt_ptr, lam_ptr, init_ptr, states_ptr, final_ptr,
+    x_ptr, b_ptr, dt_ptr, lam_ptr, init_ptr, states_ptr, final_ptr, chunk_doc_ptr, chunk_flag_ptr,
     T, T_pad, H, G, P, N, num_chunks,
     L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_INIT: tl.constexpr,
-    IEEE: tl.constexpr,
+    PACKED: tl.constexpr, IEEE: tl.constexpr,
 ):
     """States entering each chunk, for one (batch*head, P block, N block), chunk after chunk:
     S_c+1 = exp(Lam_end,c) S_c + sum_s exp(Lam_end,c - Lam_s) dt_s x_s (x) B_s."""
@@ -62,6 +63,15 @@ def _states_fwd_kernel(
     else:
         s = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
     for c in range(num_chunks):
+        if PACKED:  # one document per chunk run: it starts from its own initial state
+            doc = tl.load(chunk_doc_ptr + c)
+            flags = tl.load(chunk_flag_ptr + c)
+            first, last = (flags & 1) != 0, (flags & 2) != 0
+            if HAS_INIT:
+                s0 = tl.load(init_ptr + (doc * H + h) * P * N + pn, mask=mask_pn & first, other=0.0)
+            else:
+                s0 = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+            s = tl.where(first, s0.to(tl.float32), s)
         tl.store(states_ptr + ((b * num_chunks + c) * H + h) * P * N + pn, s, mask=mask_pn)
         t = c * L + tl.arange(0, L)
         in_t = t < T
@@ -74,15 +84,19 @@ def _states_fwd_kernel(
         lam_end = tl.load(lam_ptr + (b * T_pad + c * L + L - 1) * H + h)
         xw = (x.to(tl.float32) * (tl.exp(lam_end - lam) * dt)[:, None]).to(bm.dtype)
         s = tl.exp(lam_end) * s + tl.dot(tl.trans(xw), bm, input_precision="ieee" if IEEE else "tf32")
-    tl.store(final_ptr + bh * P * N + pn, s, mask=mask_pn)
+        if PACKED:
+            tl.store(final_ptr + (doc * H + h) * P * N + pn, s, mask=mask_pn & last)
+    if not PACKED:
+        tl.store(final_ptr + bh * P * N + pn, s, mask=mask_pn)
 
 
 @_autotune
 @triton.jit
 def _chunk_scan_fwd_kernel(
-    x_ptr, b_ptr, c_ptr, dt_ptr, lam_ptr, d_ptr, states_ptr, y_ptr,
+    x_ptr, b_ptr, c_ptr, dt_ptr, lam_ptr, d_ptr, states_ptr, y_ptr, pos_ptr,
     T, T_pad, H, G, P, N, num_chunks, transpoint,
-    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """y for one (chunk, batch*head, P block); rows before the TransPoint are zero."""
     c, bh, pid_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -94,7 +108,13 @@ def _chunk_scan_fwd_kernel(
     in_t = t < T
     mask_y = in_t[:, None] & (p[None, :] < P)
     y_ptrs = y_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :]
-    if c * L + L <= transpoint:  # attention-only chunk: nothing to compute
+    if PACKED:  # the TransPoint counts from each document's start
+        pos = tl.load(pos_ptr + t)
+        last_pos = tl.load(pos_ptr + c * L + L - 1)
+    else:
+        pos = t
+        last_pos = c * L + L - 1
+    if last_pos < transpoint:  # attention-only chunk: nothing to compute
         tl.store(y_ptrs, tl.zeros([L, BLOCK_P], dtype=y_ptr.dtype.element_ty), mask=mask_y)
         return
     precision: tl.constexpr = "ieee" if IEEE else "tf32"
@@ -114,7 +134,7 @@ def _chunk_scan_fwd_kernel(
     y += tl.exp(lam)[:, None] * tl.dot(cm, tl.trans(s.to(cm.dtype)), input_precision=precision)
     d = tl.load(d_ptr + h * P + p, mask=p < P, other=0.0)
     y += d[None, :] * x.to(tl.float32)
-    y = tl.where((t >= transpoint)[:, None], y, 0.0)
+    y = tl.where((pos >= transpoint)[:, None], y, 0.0)
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
@@ -122,9 +142,10 @@ def _chunk_scan_fwd_kernel(
 @triton.jit
 def _states_bwd_kernel(
     dy_ptr, c_ptr, lam_ptr, states_ptr, final_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, dlam_end_ptr,
+    chunk_doc_ptr, chunk_flag_ptr, pos_ptr,
     T, T_pad, H, G, P, N, num_chunks, transpoint, num_blocks,
     L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DFINAL: tl.constexpr,
-    IEEE: tl.constexpr,
+    PACKED: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Gradients of the states leaving each chunk, last chunk first, for one (batch*head,
     P block, N block): dS_c = exp(Lam_end,c) dS_c+1 + sum_{t in c, t >= p} exp(Lam_t) dy_t C_t;
@@ -137,19 +158,36 @@ def _states_bwd_kernel(
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_pn = (p[:, None] < P) & (n[None, :] < N)
     pn = p[:, None] * N + n[None, :]
-    if HAS_DFINAL:
+    if HAS_DFINAL and not PACKED:
         ds = tl.load(dfinal_ptr + bh * P * N + pn, mask=mask_pn, other=0.0).to(tl.float32)
     else:
         ds = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
-    s_end = tl.load(final_ptr + bh * P * N + pn, mask=mask_pn, other=0.0)
+    if PACKED:
+        s_end = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    else:
+        s_end = tl.load(final_ptr + bh * P * N + pn, mask=mask_pn, other=0.0)
     for i in range(num_chunks):
         c = num_chunks - 1 - i
         base = ((b * num_chunks + c) * H + h) * P * N
+        if PACKED:  # a document's last chunk leaves its final state, nothing else
+            doc = tl.load(chunk_doc_ptr + c)
+            flags = tl.load(chunk_flag_ptr + c)
+            first, last = (flags & 1) != 0, (flags & 2) != 0
+            doc_off = (doc * H + h) * P * N + pn
+            if HAS_DFINAL:
+                dfin = tl.load(dfinal_ptr + doc_off, mask=mask_pn & last, other=0.0).to(tl.float32)
+            else:
+                dfin = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+            ds = tl.where(last, dfin, ds)
+            s_end = tl.where(last, tl.load(final_ptr + doc_off, mask=mask_pn & last, other=0.0), s_end)
         tl.store(dstates_ptr + base + pn, ds, mask=mask_pn)
         tl.store(dlam_end_ptr + ((b * num_chunks + c) * H + h) * num_blocks + block, tl.sum(ds * s_end))
         s_end = tl.load(states_ptr + base + pn, mask=mask_pn, other=0.0)
         t = c * L + tl.arange(0, L)
-        rows = (t < T) & (t >= transpoint)
+        if PACKED:
+            rows = (t < T) & (tl.load(pos_ptr + t) >= transpoint)
+        else:
+            rows = (t < T) & (t >= transpoint)
         dy = tl.load(dy_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
                      mask=rows[:, None] & (p[None, :] < P), other=0.0)
         cm = tl.load(c_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :],
@@ -158,16 +196,20 @@ def _states_bwd_kernel(
         lam_end = tl.load(lam_ptr + (b * T_pad + c * L + L - 1) * H + h)
         dyw = (dy.to(tl.float32) * tl.exp(lam)[:, None]).to(cm.dtype)
         ds = tl.exp(lam_end) * ds + tl.dot(tl.trans(dyw), cm, input_precision="ieee" if IEEE else "tf32")
-    tl.store(dinit_ptr + bh * P * N + pn, ds, mask=mask_pn)
+        if PACKED:
+            tl.store(dinit_ptr + doc_off, ds, mask=mask_pn & first)
+    if not PACKED:
+        tl.store(dinit_ptr + bh * P * N + pn, ds, mask=mask_pn)
 
 
 @_autotune
 @triton.jit
 def _chunk_bwd_kernel(
     x_ptr, b_ptr, c_ptr, dt_ptr, lam_ptr, d_ptr, states_ptr, dstates_ptr, dy_ptr,
-    dx_ptr, db_ptr, dc_ptr, ddt_ptr, dlam_ptr, dd_ptr,
+    dx_ptr, db_ptr, dc_ptr, ddt_ptr, dlam_ptr, dd_ptr, pos_ptr,
     T, T_pad, H, G, P, N, num_chunks, transpoint,
-    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """dx, per-head dB and dC, ddt (through dt*x), dLam (without the chunk-end term), dD."""
     c, bh = tl.program_id(0), tl.program_id(1)
@@ -177,7 +219,10 @@ def _chunk_bwd_kernel(
     t = c * L + tl.arange(0, L)
     n = tl.arange(0, BLOCK_N)
     in_t = t < T
-    rows = in_t & (t >= transpoint)
+    if PACKED:
+        rows = in_t & (tl.load(pos_ptr + t) >= transpoint)
+    else:
+        rows = in_t & (t >= transpoint)
     mask_n = in_t[:, None] & (n[None, :] < N)
     bm = tl.load(b_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=mask_n, other=0.0)
     cm = tl.load(c_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=mask_n, other=0.0)
@@ -265,7 +310,7 @@ def _chunk_lambda(dt: torch.Tensor, A: torch.Tensor, L: int) -> tuple[torch.Tens
     return dt_pad, lam.contiguous(), num_chunks
 
 
-def _ssd_fwd(x, dt, A, B, C, D, initial_states, chunk_size, transpoint):
+def _ssd_fwd(x, dt, A, B, C, D, initial_states, chunk_size, transpoint, layout):
     batch, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     L = chunk_size
@@ -273,21 +318,28 @@ def _ssd_fwd(x, dt, A, B, C, D, initial_states, chunk_size, transpoint):
     block_p, block_n = _block_sizes(P, N)
     ieee = x.dtype == torch.float32
     states = torch.empty(batch, num_chunks, H, P, N, dtype=torch.float32, device=x.device)
-    final = torch.empty(batch, H, P, N, dtype=torch.float32, device=x.device)
-    init = initial_states.float().contiguous() if initial_states is not None else final
+    init = initial_states.float().contiguous() if initial_states is not None else None
+    if layout is None:
+        final = torch.empty(batch, H, P, N, dtype=torch.float32, device=x.device)
+    else:  # an empty document's final state is its initial state: the kernel never visits it
+        final = init.clone() if init is not None else torch.zeros(
+            layout.num_docs, H, P, N, dtype=torch.float32, device=x.device)
+    docs, flags, pos = layout.arrays() if layout is not None else (lam, lam, lam)
     state_bp, state_bn = _state_block_sizes(P, N)
     _states_fwd_kernel[(batch * H, triton.cdiv(P, state_bp), triton.cdiv(N, state_bn))](
-        x, B, dt_pad, lam, init, states, final, T, num_chunks * L, H, G, P, N, num_chunks,
-        L=L, BLOCK_P=state_bp, BLOCK_N=state_bn, HAS_INIT=initial_states is not None, IEEE=ieee)
+        x, B, dt_pad, lam, init if init is not None else final, states, final, docs, flags,
+        T, num_chunks * L, H, G, P, N, num_chunks, L=L, BLOCK_P=state_bp, BLOCK_N=state_bn,
+        HAS_INIT=init is not None, PACKED=layout is not None, IEEE=ieee)
     grid = (num_chunks, batch * H, triton.cdiv(P, block_p))
     y = torch.empty_like(x)
-    _chunk_scan_fwd_kernel[grid](x, B, C, dt_pad, lam, D, states, y, T, num_chunks * L, H, G, P, N,
-                                 num_chunks, transpoint, L=L, BLOCK_P=block_p, BLOCK_N=block_n,
-                                 IEEE=ieee)
+    _chunk_scan_fwd_kernel[grid](x, B, C, dt_pad, lam, D, states, y, pos, T, num_chunks * L, H, G,
+                                 P, N, num_chunks, transpoint, L=L, BLOCK_P=block_p,
+                                 BLOCK_N=block_n, PACKED=layout is not None, IEEE=ieee)
     return y, final, states, dt_pad, lam
 
 
-def _ssd_bwd(dy, dfinal, x, dt, A, B, C, D, states, final, dt_pad, lam, chunk_size, transpoint):
+def _ssd_bwd(dy, dfinal, x, dt, A, B, C, D, states, final, dt_pad, lam, chunk_size, transpoint,
+             layout):
     batch, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     L = chunk_size
@@ -300,12 +352,17 @@ def _ssd_bwd(dy, dfinal, x, dt, A, B, C, D, states, final, dt_pad, lam, chunk_si
     state_bp, state_bn = _state_block_sizes(P, N)
     state_grid = (batch * H, triton.cdiv(P, state_bp), triton.cdiv(N, state_bn))
     num_blocks = state_grid[1] * state_grid[2]
-    dinit = torch.empty(batch, H, P, N, dtype=torch.float32, device=x.device)
+    if layout is None:
+        dinit = torch.empty(batch, H, P, N, dtype=torch.float32, device=x.device)
+    else:  # an empty document passes its final-state gradient straight to its initial state
+        dinit = dfinal.float().clone() if dfinal is not None else torch.zeros_like(final)
+    docs, flags, pos = layout.arrays() if layout is not None else (lam, lam, lam)
     dlam_end = torch.empty(batch, num_chunks, H, num_blocks, dtype=torch.float32, device=x.device)
     _states_bwd_kernel[state_grid](
-        dy, C, lam, states, final, dfinal if dfinal is not None else final, dstates, dinit,
-        dlam_end, T, T_pad, H, G, P, N, num_chunks, transpoint, num_blocks, L=L, BLOCK_P=state_bp,
-        BLOCK_N=state_bn, HAS_DFINAL=dfinal is not None, IEEE=ieee)
+        dy, C, lam, states, final, dfinal.contiguous() if dfinal is not None else final, dstates,
+        dinit, dlam_end, docs, flags, pos, T, T_pad, H, G, P, N, num_chunks, transpoint, num_blocks,
+        L=L, BLOCK_P=state_bp, BLOCK_N=state_bn, HAS_DFINAL=dfinal is not None,
+        PACKED=layout is not None, IEEE=ieee)
     dx = torch.empty_like(x)
     # One group per head: the per-head gradients are the answer, written in B's dtype.
     per_head_dtype = B.dtype if G == H else torch.float32
@@ -315,9 +372,9 @@ def _ssd_bwd(dy, dfinal, x, dt, A, B, C, D, states, final, dt_pad, lam, chunk_si
     dlam = torch.empty(batch, T_pad, H, dtype=torch.float32, device=x.device)
     dd = torch.empty(batch, num_chunks, H, P, dtype=torch.float32, device=x.device)
     _chunk_bwd_kernel[(num_chunks, batch * H)](
-        x, B, C, dt_pad, lam, D, states, dstates, dy, dx, db, dc, ddt, dlam, dd,
+        x, B, C, dt_pad, lam, D, states, dstates, dy, dx, db, dc, ddt, dlam, dd, pos,
         T, T_pad, H, G, P, N, num_chunks, transpoint, L=L, BLOCK_P=block_p, BLOCK_N=block_n,
-        IEEE=ieee)
+        PACKED=layout is not None, IEEE=ieee)
     # The chunk-end log decay also scales the state leaving the chunk.
     dlam = dlam.view(batch, num_chunks, L, H)
     dlam[:, :, L - 1] += dlam_end.sum(-1)
@@ -329,15 +386,66 @@ def _ssd_bwd(dy, dfinal, x, dt, A, B, C, D, states, final, dt_pad, lam, chunk_si
     return dx, ddt, dA, dB, dC, dinit, dd.sum((0, 1))
 
 
+@dataclass
+class _PackedLayout:
+    """Packed documents laid out one after another in a single row, each padded to whole
+    chunks, so no chunk spans two documents: a document's chunks start from its own initial
+    state, and its TransPoint counts from its own first token."""
+
+    src: torch.Tensor          # [tokens] flat index row * T + t of each token, document by document
+    dst: torch.Tensor          # [tokens] where that token sits in the padded row
+    chunk_doc: torch.Tensor    # [num_chunks] int32 document of each chunk
+    chunk_flags: torch.Tensor  # [num_chunks] int32: 1 = first chunk of its document, 2 = last
+    pos: torch.Tensor          # [padded_len] int32 position of each slot inside its document
+    num_docs: int
+    padded_len: int
+
+    def arrays(self):
+        return self.chunk_doc, self.chunk_flags, self.pos
+
+    @staticmethod
+    def build(docs, seqlen: int, L: int, device) -> "_PackedLayout":
+        src, dst, pos, chunk_doc, flags = [], [], [], [], []
+        offset = 0
+        for d, doc in enumerate(docs):
+            length = doc.end - doc.start
+            if length == 0:
+                continue
+            chunks = triton.cdiv(length, L)
+            src.append(torch.arange(doc.start, doc.end) + doc.row * seqlen)
+            dst.append(torch.arange(offset, offset + length))
+            pos.append(torch.arange(chunks * L))
+            chunk_doc += [d] * chunks
+            flags += [1] + [0] * (chunks - 1)
+            flags[-1] |= 2
+            offset += chunks * L
+        as_long = lambda parts: (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)).to(device)
+        as_int = lambda v: torch.tensor(v, dtype=torch.int32, device=device)
+        return _PackedLayout(as_long(src), as_long(dst), as_int(chunk_doc), as_int(flags),
+                             as_long(pos).to(torch.int32), len(docs), offset)
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> [1, padded_len, ...] with zeros in the padding (dt = 0 keeps states)."""
+        flat = t.reshape(-1, *t.shape[2:])
+        out = t.new_zeros(self.padded_len, *t.shape[2:])
+        return out.index_copy(0, self.dst, flat.index_select(0, self.src)).unsqueeze(0)
+
+    def unpack(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """[1, padded_len, ...] -> the [B, T, ...] shape of ``like``."""
+        rows = t[0].index_select(0, self.dst)
+        out = t.new_zeros(like.shape[0] * like.shape[1], *t.shape[2:])
+        return out.index_copy(0, self.src, rows).view(*like.shape[:2], *t.shape[2:])
+
+
 class _ChunkSSD(torch.autograd.Function):
     """x [B,T,H,P], dt [B,T,H] (processed, fp32), A [H], B/C [B,T,G,N], D [H,P] fp32."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, initial_states, chunk_size, transpoint):
+    def forward(ctx, x, dt, A, B, C, D, initial_states, chunk_size, transpoint, layout):
         y, final, states, dt_pad, lam = _ssd_fwd(x, dt, A, B, C, D, initial_states, chunk_size,
-                                                 transpoint)
+                                                 transpoint, layout)
         ctx.save_for_backward(x, dt, A, B, C, D, states, final, dt_pad, lam)
-        ctx.chunk_size, ctx.transpoint = chunk_size, transpoint
+        ctx.chunk_size, ctx.transpoint, ctx.layout = chunk_size, transpoint, layout
         ctx.has_init = initial_states is not None
         return y, final
 
@@ -345,9 +453,10 @@ class _ChunkSSD(torch.autograd.Function):
     def backward(ctx, dy, dfinal):
         x, dt, A, B, C, D, states, final, dt_pad, lam = ctx.saved_tensors
         dx, ddt, dA, dB, dC, dinit, dD = _ssd_bwd(dy, dfinal, x, dt, A, B, C, D, states, final,
-                                                  dt_pad, lam, ctx.chunk_size, ctx.transpoint)
+                                                  dt_pad, lam, ctx.chunk_size, ctx.transpoint,
+                                                  ctx.layout)
         return (dx, ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-                dD.to(D.dtype), dinit if ctx.has_init else None, None, None)
+                dD.to(D.dtype), dinit if ctx.has_init else None, None, None, None)
 
 
 def chunk_ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
@@ -361,21 +470,22 @@ def chunk_ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, i
         chunk_size: a power of two >= 16.
         transpoint: TransMamba's TransPoint p: outputs are computed only for tokens t >= p
             (rows t < p are zero); states still cover every token, so the state entering
-            token p is the Memory Converter's.
+            token p is the Memory Converter's. With packed documents p counts from each
+            document's first token.
+        seq_idx [B, T] / cu_seqlens [num_docs + 1] (batch 1): packed documents; the state
+            resets at each document start, initial_states is then [num_docs, H, P, N] and the
+            final states are one per document.
 
     Returns:
         y [B, T, H, P] in x's dtype, and the final state [B, H, P, N] (float32) when
         ``return_final_states``. Differentiable in x, dt, A, B, C, D, z, dt_bias, initial_states.
     """
-    if seq_idx is not None or cu_seqlens is not None:
-        raise NotImplementedError("chunk_ssd_triton: packed documents (seq_idx / cu_seqlens) are "
-                                  "not supported yet (TODO(#3)); use backend 'torch'")
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size={chunk_size}: the Triton SSD needs a power of two >= 16")
     dims = _check_inputs(x, dt, A, B, C, D, z, dt_bias, dt_limit)
-    if initial_states is not None and initial_states.shape != (dims.batch, dims.heads, dims.head_dim, dims.state_dim):
-        raise ValueError(f"initial_states must have shape [B, H, P, N] = "
-                         f"{[dims.batch, dims.heads, dims.head_dim, dims.state_dim]}, got {tuple(initial_states.shape)}")
+    packed = seq_idx is not None or cu_seqlens is not None
+    docs = _documents(dims, seq_idx, cu_seqlens)
+    _check_initial_states(initial_states, dims, len(docs), packed)
     if x.dtype == torch.float64:
         raise TypeError("chunk_ssd_triton: float64 is not supported (use chunk_ssd_naive)")
     dt = dt.float() if dt_bias is None else dt.float() + dt_bias.float()
@@ -387,8 +497,21 @@ def chunk_ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, i
     if D is None:
         D = torch.zeros(H, P, dtype=torch.float32, device=x.device)
     D = (D.float()[:, None].expand(H, P) if D.dim() == 1 else D.float()).contiguous()
-    y, final = _ChunkSSD.apply(x.contiguous(), dt.contiguous(), A.float(), B.contiguous(),
-                               C.contiguous(), D, initial_states, int(chunk_size), int(transpoint))
+    if not packed:
+        y, final = _ChunkSSD.apply(x.contiguous(), dt.contiguous(), A.float(), B.contiguous(),
+                                   C.contiguous(), D, initial_states, int(chunk_size),
+                                   int(transpoint), None)
+    else:
+        layout = _PackedLayout.build(docs, dims.seqlen, int(chunk_size), x.device)
+        if layout.padded_len == 0:  # only empty documents
+            y = torch.zeros_like(x)
+            final = (initial_states.float().clone() if initial_states is not None else
+                     torch.zeros(len(docs), H, P, dims.state_dim, device=x.device))
+        else:
+            y_packed, final = _ChunkSSD.apply(
+                layout.pack(x), layout.pack(dt), A.float(), layout.pack(B), layout.pack(C), D,
+                initial_states, int(chunk_size), int(transpoint), layout)
+            y = layout.unpack(y_packed, x)
     if z is not None:
         y = (y.float() * torch.nn.functional.silu(z.float())).to(x.dtype)
     return (y, final) if return_final_states else y

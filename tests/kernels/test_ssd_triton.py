@@ -117,8 +117,50 @@ def test_bad_arguments_are_clear():
     inputs = make_inputs(1, 8, 2, 8, 1, 16, torch.float32)
     with pytest.raises(ValueError, match="chunk_size=24"):
         chunk_ssd_triton(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], 24)
-    with pytest.raises(NotImplementedError, match="packed documents"):
+    with pytest.raises(ValueError, match="initial_states must have shape"):
         chunk_ssd_triton(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], 16,
-                         seq_idx=torch.zeros(1, 8, dtype=torch.int32))
+                         initial_states=inputs["initial_states"],
+                         cu_seqlens=torch.tensor([0, 3, 8]))
     with pytest.raises(ValueError, match="B must have shape"):
         chunk_ssd_triton(inputs["x"], inputs["dt"], inputs["A"], inputs["B"][:, :4], inputs["C"], 16)
+
+
+def positions_in_documents(lengths, T):
+    pos = torch.cat([torch.arange(n) for n in lengths]) if lengths else torch.zeros(0)
+    assert len(pos) == T
+    return pos
+
+
+@pytest.mark.parametrize("lengths,transpoint", [([5, 20, 12], 0), ([5, 20, 12], 7),
+                                                ([16, 0, 21], 3), ([3], 0), ([40, 1], 18)])
+def test_packed_documents_match_reference(lengths, transpoint):
+    """cu_seqlens: the state resets per document, each starts from its own initial state, and
+    the TransPoint counts from each document's first token."""
+    T = sum(lengths)
+    inputs = make_inputs(1, T, 4, 8, 2, 16, torch.float32, init=False)
+    inputs["initial_states"] = torch.randn(len(lengths), 4, 8, 16)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()))
+    y, final, leaves = run(chunk_ssd_triton, inputs, 16, transpoint=transpoint, cu_seqlens=cu)
+    ref_inputs = {k: v.double() for k, v in inputs.items()}
+    y_ref, final_ref, ref_leaves = run(chunk_ssd_naive, ref_inputs, 16, cu_seqlens=cu)
+    rows = (positions_in_documents(lengths, T) >= transpoint)[None, :, None, None]
+    y_ref = y_ref * rows
+    assert_close("y", y_ref, y.double(), 1e-5)
+    assert_close("final_states", final_ref, final.double(), 1e-5)
+    g = torch.Generator().manual_seed(3)
+    dy, dfinal = torch.randn(y.shape, generator=g), torch.randn(final.shape, generator=g)
+    ((y * dy).sum() + (final * dfinal).sum()).backward()
+    ((y_ref * dy.double()).sum() + (final_ref * dfinal.double()).sum()).backward()
+    for name, leaf in leaves.items():
+        assert_close(f"d{name}", ref_leaves[name].grad, leaf.grad.double(), 1e-5)
+
+
+def test_packed_seq_idx_over_two_rows():
+    inputs = make_inputs(2, 24, 2, 8, 1, 16, torch.float32, init=False)
+    seq_idx = torch.tensor([[0] * 10 + [1] * 14, [2] * 24], dtype=torch.int32)
+    y, final, leaves = run(chunk_ssd_triton, inputs, 16, seq_idx=seq_idx)
+    y_ref, final_ref, _ = run(chunk_ssd_naive, {k: v.double() for k, v in inputs.items() if v is not None},
+                              16, seq_idx=seq_idx)
+    assert final.shape[0] == 3
+    assert_close("y", y_ref, y.double(), 1e-5)
+    assert_close("final_states", final_ref, final.double(), 1e-5)
