@@ -5,7 +5,8 @@ shared projection, tokens before the TransPoint p take causal softmax attention 
 serves H/G value heads), the Memory Converter turns the prefix's K, V and dt into the SSM state
 after token p-1, and the SSM continues from that state for tokens [p, T). The ``torch`` backend
 here is the executable specification: PyTorch SDPA for attention and the chunked SSD scan of
-``transmamba_kernels.ssd.naive``; faster backends must match it.
+``transmamba_kernels.ssd.naive``; faster backends must match it. ``BACKENDS`` maps each
+``mixer_backend`` to its core and its gated grouped RMSNorm (``transmamba_kernels.norm``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_transmamba.layers.memory_converter import memory_converter
+from transmamba_kernels.norm.naive import gated_rmsnorm_naive
 from transmamba_kernels.ssd.naive import chunk_ssd_naive
 
 RotaryFn = Callable[[Tensor], Tensor]
@@ -93,26 +95,16 @@ def transmamba_core_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tenso
     return attention if y is None else torch.cat([attention, y[:, p:]], dim=1)
 
 
-def gated_grouped_rmsnorm(y: Tensor, z: Tensor, weight: Tensor, groups: int, eps: float,
-                          transpoint: int) -> Tensor:
-    """RMSNorm over G groups of H*P/G channels; SSM tokens (t >= p) are gated by SiLU(z) first.
+def gated_rmsnorm_triton(*args):
+    from transmamba_kernels.norm.gated_rmsnorm import gated_rmsnorm_triton as fused
+    return fused(*args)
 
-    Mamba-2's norm_before_gate=False on SSM tokens; attention tokens have no gate (the paper's
-    best ablation, "attention w/o z").
 
-    Args:
-        y, z: [B, T, H*P]; weight: [H*P].
+# backend -> (core, gated grouped RMSNorm); all share the signatures of the torch entries
+BACKENDS = {
+    "torch": (transmamba_core_torch, gated_rmsnorm_naive),
+    "triton": (transmamba_core_triton, gated_rmsnorm_triton),
+}
 
-    Returns:
-        [B, T, H*P] in y's dtype.
-    """
-    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-    h = y.to(acc)
-    p = max(0, min(int(transpoint), y.shape[1]))
-    if p < y.shape[1]:
-        gate = F.silu(z[:, p:].to(acc))
-        h = torch.cat([h[:, :p], h[:, p:] * gate], dim=1) if p else h * gate
-    batch, seq_len, width = h.shape
-    h = h.view(batch, seq_len, groups, width // groups)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return (h.view(batch, seq_len, width) * weight.to(acc)).to(y.dtype)
+# TODO(#3): the mixer still imports this name; it switches to BACKENDS with the fused norm.
+gated_grouped_rmsnorm = gated_rmsnorm_naive

@@ -1,0 +1,114 @@
+"""Fused grouped RMSNorm gated by SiLU(z) after the TransPoint, forward and backward (Triton).
+
+Same function as ``naive.gated_rmsnorm_naive``: one program normalises BLOCK_T tokens of one
+group, reading y and z once and writing the output once (the PyTorch version makes about eight
+float32 passes). The backward recomputes the gated input, returns dy and dz, and sums the
+weight gradient per program; the partial sums are added in PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["gated_rmsnorm_triton"]
+
+
+@triton.jit
+def _gated_rmsnorm_fwd_kernel(y_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr, rows, T, G, GS, eps, transpoint,
+                              BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_t, g = tl.program_id(0), tl.program_id(1)
+    c = tl.arange(0, BLOCK_C)
+    mask_c = c < GS
+    w = tl.load(w_ptr + g * GS + c, mask=mask_c, other=0.0).to(tl.float32)
+    for i in range(BLOCK_T):
+        row = pid_t * BLOCK_T + i
+        if row < rows:
+            off = (row * G + g) * GS + c
+            y = tl.load(y_ptr + off, mask=mask_c, other=0.0).to(tl.float32)
+            if row % T >= transpoint:
+                z = tl.load(z_ptr + off, mask=mask_c, other=0.0).to(tl.float32)
+                y = y * z * tl.sigmoid(z)
+            rstd = 1.0 / tl.sqrt(tl.sum(y * y, axis=0) / GS + eps)
+            tl.store(out_ptr + off, (y * rstd * w).to(out_ptr.dtype.element_ty), mask=mask_c)
+            tl.store(rstd_ptr + row * G + g, rstd)
+
+
+@triton.jit
+def _gated_rmsnorm_bwd_kernel(y_ptr, z_ptr, w_ptr, rstd_ptr, dout_ptr, dy_ptr, dz_ptr, dw_ptr,
+                              rows, T, G, GS, transpoint,
+                              BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_t, g = tl.program_id(0), tl.program_id(1)
+    c = tl.arange(0, BLOCK_C)
+    mask_c = c < GS
+    w = tl.load(w_ptr + g * GS + c, mask=mask_c, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for i in range(BLOCK_T):
+        row = pid_t * BLOCK_T + i
+        if row < rows:
+            off = (row * G + g) * GS + c
+            y = tl.load(y_ptr + off, mask=mask_c, other=0.0).to(tl.float32)
+            dout = tl.load(dout_ptr + off, mask=mask_c, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + row * G + g)
+            gated = row % T >= transpoint
+            z = tl.load(z_ptr + off, mask=mask_c & gated, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(z)
+            h = tl.where(gated, y * z * sig, y)
+            xhat = h * rstd
+            dw += dout * xhat
+            dxhat = dout * w
+            dh = rstd * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=0) / GS))
+            tl.store(dy_ptr + off, tl.where(gated, dh * z * sig, dh).to(dy_ptr.dtype.element_ty),
+                     mask=mask_c)
+            if gated:
+                dz = dh * y * sig * (1.0 + z * (1.0 - sig))
+                tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=mask_c)
+            else:
+                tl.store(dz_ptr + off, tl.zeros([BLOCK_C], dtype=dz_ptr.dtype.element_ty), mask=mask_c)
+    tl.store(dw_ptr + (pid_t * G + g) * GS + c, dw, mask=mask_c)
+
+
+_BLOCK_T = 16
+
+
+class _GatedRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, z, weight, groups, eps, transpoint):
+        batch, T, width = y.shape
+        rows, gs = batch * T, width // groups
+        out = torch.empty_like(y)
+        rstd = torch.empty(rows, groups, dtype=torch.float32, device=y.device)
+        grid = (triton.cdiv(rows, _BLOCK_T), groups)
+        _gated_rmsnorm_fwd_kernel[grid](y, z, weight, out, rstd, rows, T, groups, gs, eps, transpoint,
+                                        BLOCK_T=_BLOCK_T, BLOCK_C=triton.next_power_of_2(gs))
+        ctx.save_for_backward(y, z, weight, rstd)
+        ctx.groups, ctx.transpoint = groups, transpoint
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, z, weight, rstd = ctx.saved_tensors
+        batch, T, width = y.shape
+        rows, groups = batch * T, ctx.groups
+        gs = width // groups
+        dy, dz = torch.empty_like(y), torch.empty_like(z)
+        blocks = triton.cdiv(rows, _BLOCK_T)
+        dw = torch.empty(blocks, groups, gs, dtype=torch.float32, device=y.device)
+        _gated_rmsnorm_bwd_kernel[(blocks, groups)](
+            y, z, weight, rstd, dout.contiguous(), dy, dz, dw, rows, T, groups, gs, ctx.transpoint,
+            BLOCK_T=_BLOCK_T, BLOCK_C=triton.next_power_of_2(gs))
+        return dy, dz, dw.sum(0).reshape(width).to(weight.dtype), None, None, None
+
+
+def gated_rmsnorm_triton(y, z, weight, groups: int, eps: float, transpoint: int):
+    """Fused ``gated_rmsnorm_naive``: y, z [B, T, C]; weight [C]; C % groups == 0."""
+    if y.shape != z.shape or y.dim() != 3:
+        raise ValueError(f"y and z must both be [B, T, C], got {tuple(y.shape)} and {tuple(z.shape)}")
+    if y.shape[-1] % groups or weight.shape != (y.shape[-1],):
+        raise ValueError(f"weight must be [C] = [{y.shape[-1]}] with C divisible by groups={groups}, "
+                         f"got {tuple(weight.shape)}")
+    if y.dtype == torch.float64:
+        raise TypeError("gated_rmsnorm_triton: float64 is not supported (use gated_rmsnorm_naive)")
+    return _GatedRMSNorm.apply(y.contiguous(), z.contiguous(), weight, int(groups), float(eps),
+                               max(0, int(transpoint)))
