@@ -28,6 +28,8 @@ setup(
         "tokenizers>=0.20",
         "safetensors>=0.4",
         "psutil",
+        "scipy>=1.10",        # scaling-law fits (megatron_transmamba/scaling/fit.py)
+        "matplotlib>=3.7",    # scaling-law plots, Agg backend
     ],
     extras_require={
         "test": ["pytest>=8", "transformers>=5,<6", "triton==3.7.1"],

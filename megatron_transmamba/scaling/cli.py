@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from collections import Counter
 
 from megatron_transmamba.scaling import collect as collect_mod
@@ -53,7 +52,7 @@ def cmd_plan(args, spec: SweepSpec, out_dir: str) -> int:
     out_dir, runs = plan_sweep(spec, out_dir)
     print(f"sweep {spec.name}: {len(runs)} runs in {out_dir} ({_counts(runs)})")
     print(f"{'family':<14}{spec.size.knob:>7}{'pattern':>16}{'hidden':>8}{'params':>12}"
-          f"{'FLOPs/token':>13}{'budget':>12}{'iters':>8}{'tokens':>12}{'FLOPs':>11}")
+          f"{'FLOPs/token':>13}{'budget':>10}{'iters':>9}{'tokens':>17}{'FLOPs':>10}")
     seen = set()
     for r in runs:
         rec = r.record
@@ -62,8 +61,8 @@ def cmd_plan(args, spec: SweepSpec, out_dir: str) -> int:
             continue
         seen.add(key)
         print(f"{rec['family']:<14}{rec['size']:>7}{rec['layer_pattern'][:15]:>16}{rec['hidden_size']:>8}"
-              f"{rec['params']:>12,}{rec['flops_per_token']:>13.3g}{rec['budget']:>12.3g}"
-              f"{rec['train_iters']:>8}{rec['tokens']:>12,}{rec['flops']:>11.3g}")
+              f"{rec['params']:>12,}{rec['flops_per_token']:>13.3g}{rec['budget']:>10.3g}"
+              f"{rec['train_iters']:>9}{rec['tokens']:>17,}{rec['flops']:>10.3g}")
     total = sum(r.record["flops"] for r in runs)
     line = f"total training FLOPs: {total:.3g}"
     if args.peak_tflops:
@@ -203,8 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # megatron-core announces on import that optional fused kernels are absent; not our news
-    warnings.filterwarnings("ignore", message="(Transformer Engine|Apex).* not installed")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     bad = [a for a in extra if not (a.startswith("--") and "." in a.split("=", 1)[0])]

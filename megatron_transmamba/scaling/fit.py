@@ -93,16 +93,21 @@ def _huber(r: np.ndarray, delta: float) -> np.ndarray:
 
 
 def _objective(x, logN, logD, logL, delta):
-    t = _terms(x, logN, logD)                                    # [3, n]
-    m = t.max(0)
-    w = np.exp(t - m)
-    s = w.sum(0)
+    """Huber objective / delta and its gradient; written out term by term because the
+    optimiser calls it thousands of times on a few dozen runs (numpy call overhead dominates)."""
+    a, b, e, alpha, beta = x
+    t0, t1 = a - alpha * logN, b - beta * logD
+    m = np.maximum(np.maximum(t0, t1), e)
+    w0, w1, w2 = np.exp(t0 - m), np.exp(t1 - m), np.exp(e - m)
+    s = w0 + w1 + w2
     r = m + np.log(s) - logL
-    w /= s
-    dr = np.clip(r, -delta, delta) / delta                       # Huber' / delta
-    grad = np.array([(dr * w[0]).sum(), (dr * w[1]).sum(), (dr * w[2]).sum(),
-                     -(dr * w[0] * logN).sum(), -(dr * w[1] * logD).sum()])
-    return _huber(r, delta).sum(), grad
+    u = r / delta
+    abs_u = np.abs(u)
+    value = np.where(abs_u <= 1.0, 0.5 * u * r, np.abs(r) - 0.5 * delta).sum()
+    dr = np.clip(u, -1.0, 1.0) / s                               # Huber' / delta, over the LSE's sum
+    g0, g1 = dr * w0, dr * w1
+    grad = np.array([g0.sum(), g1.sum(), dr.dot(w2), -g0.dot(logN), -g1.dot(logD)])
+    return value, grad
 
 
 def _grid_objective(X, logN, logD, logL, delta):
@@ -121,7 +126,8 @@ class LawFit:
     """Root mean square of log L_fit - log L over the runs."""
 
 
-def fit_loss_law(N, D, L, delta: float = HUBER_DELTA, top_k: int = 16, inits=None) -> LawFit:
+def fit_loss_law(N, D, L, delta: float = HUBER_DELTA, top_k: int = 8, inits=None,
+                 max_iterations: int = 1000) -> LawFit:
     """Fit L(N, D) by the Huber objective from the best ``top_k`` grid points (and ``inits``,
     extra starting vectors (a, b, e, alpha, beta))."""
     logN, logD, logL = (np.log(np.asarray(v, dtype=float)) for v in (N, D, L))
@@ -134,7 +140,7 @@ def fit_loss_law(N, D, L, delta: float = HUBER_DELTA, top_k: int = 16, inits=Non
     for x0 in starts:
         x0 = np.clip(x0, [lo for lo, _ in _BOUNDS], [hi for _, hi in _BOUNDS])
         res = minimize(_objective, x0, args=(logN, logD, logL, delta), jac=True, method="L-BFGS-B",
-                       bounds=_BOUNDS, options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-10})
+                       bounds=_BOUNDS, options={"maxiter": max_iterations, "ftol": 1e-13, "gtol": 1e-9})
         if best is None or res.fun < best.fun:
             best = res
     law = LossLaw.from_vector(best.x)
@@ -142,7 +148,7 @@ def fit_loss_law(N, D, L, delta: float = HUBER_DELTA, top_k: int = 16, inits=Non
     return LawFit(law=law, objective=float(best.fun), rmse_log=rmse)
 
 
-def bootstrap_laws(N, D, L, best: LossLaw, n: int, seed: int = 0, top_k: int = 4) -> list[LossLaw]:
+def bootstrap_laws(N, D, L, best: LossLaw, n: int, seed: int = 0, top_k: int = 2) -> list[LossLaw]:
     """Refit on ``n`` resamples of the runs (with replacement), started from ``best`` and the
     resample's best ``top_k`` grid points."""
     N, D, L = (np.asarray(v, dtype=float) for v in (N, D, L))
@@ -150,7 +156,8 @@ def bootstrap_laws(N, D, L, best: LossLaw, n: int, seed: int = 0, top_k: int = 4
     laws = []
     for _ in range(n):
         idx = rng.integers(0, len(N), len(N))
-        laws.append(fit_loss_law(N[idx], D[idx], L[idx], top_k=top_k, inits=best.vector()).law)
+        laws.append(fit_loss_law(N[idx], D[idx], L[idx], top_k=top_k, inits=best.vector(),
+                                 max_iterations=400).law)
     return laws
 
 

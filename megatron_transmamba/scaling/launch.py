@@ -107,11 +107,13 @@ def write_slurm_script(spec: SweepSpec, out_dir: str, runs: list[PlannedRun],
     folder = os.path.join(os.path.abspath(out_dir), "slurm")
     runs_file = os.path.join(folder, "runs.txt")
     _runs_file(runs_file, runs)
-    gpus = s.gpus_per_node or la.nproc_per_node
+    gpus = la.nproc_per_node if s.gpus_per_node is None else s.gpus_per_node
     array = f"0-{len(runs) - 1}" + (f"%{s.max_parallel}" if s.max_parallel else "")
     directives = [f"--job-name={spec.name}", f"--array={array}", f"--nodes={la.nnodes}",
-                  "--ntasks-per-node=1", f"--gpus-per-node={gpus}", f"--time={s.time}",
+                  "--ntasks-per-node=1", f"--time={s.time}",
                   f"--output={os.path.join(folder, 'logs', '%A_%a.out')}", "--requeue"]
+    if gpus:
+        directives.append(f"--gpus-per-node={gpus}")
     for key in ("partition", "account", "qos", "mem"):
         if getattr(s, key):
             directives.append(f"--{key}={getattr(s, key)}")

@@ -134,8 +134,8 @@ def expand(spec: SweepSpec, out_dir: str) -> list[PlannedRun]:
             raw = merge(raw, _plain(family.overrides))
             raw = merge(raw, _plain(spec.size.per_size.get(value, {})))
             where = f"family {family.name}, {spec.size.knob} {value}"
-            try:
-                probe = build_run_config(raw)
+            try:   # train_iters comes later, from the budget; the probe only needs the shape
+                probe = build_run_config(merge(raw, {"training": {"train_iters": 10**9}}))
                 model_config = _model_config(probe)
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from None
@@ -204,7 +204,8 @@ def _resolve(raw: dict, spec: SweepSpec, folder: RunFolder, iters: int, global_b
         checkpoint.update(save=None, resume=False)
     checkpoint.setdefault("keep_last", 1)
     data = dict(raw.get("data") or {})
-    data["cache_dir"] = os.path.abspath(data.get("cache_dir") or ".cache/megatron_transmamba")
+    data["cache_dir"] = (folder.file("data_cache") if spec.schedule.data_cache == "per_run" else
+                         os.path.abspath(data.get("cache_dir") or ".cache/megatron_transmamba"))
     logging = dict(raw.get("logging") or {})
     logging.setdefault("tensorboard_dir", folder.file("tensorboard"))
     resolved = merge(raw, {"training": training, "checkpoint": checkpoint, "data": data,

@@ -65,7 +65,8 @@ def plot_loss_vs_compute(rows: list[dict], fit: dict, path: str) -> str:
         ax.set_xscale("log")
         ax.set_xlabel("training FLOPs")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if done:
+            ax.legend(fontsize=7)
         if done:
             losses = [r[loss_column] for r in done]
             pad = 0.15 * (max(losses) - min(losses) + 1e-3)
@@ -108,7 +109,8 @@ def plot_frontier(fit: dict, path: str) -> str:
         ax.set_xlabel("training FLOPs C")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     axes[0].set_title("compute-optimal model size (band: bootstrap 95%; dots: runs)", fontsize=9)
     axes[1].set_title("compute-optimal training tokens", fontsize=9)
     fig.tight_layout()

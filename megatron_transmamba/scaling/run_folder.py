@@ -110,7 +110,7 @@ class RunFolder:
 
     def append_segment(self, segment: dict) -> None:
         with open(self.file("segments.jsonl"), "a") as f:
-            f.write(json.dumps(segment, sort_keys=True) + "\n")
+            f.write(json.dumps(segment) + "\n")
             f.flush()
             os.fsync(f.fileno())
 

@@ -100,6 +100,10 @@ class ScheduleSpec:
     lower the batch)."""
     keep_checkpoints: bool = True
     """False: delete a run's checkpoints once its results are written."""
+    data_cache: str = "shared"
+    """``shared``: every run uses the base ``data.cache_dir``. ``per_run``: each run caches the
+    embedded corpus and megatron's sample/shuffle indices in its own folder, so runs trained at
+    the same time (a SLURM array) never write the same index files at once."""
 
 
 @dataclass
@@ -109,7 +113,7 @@ class SlurmSpec:
     qos: Optional[str] = None
     time: str = "24:00:00"
     gpus_per_node: Optional[int] = None
-    """Default: launch.nproc_per_node."""
+    """Default: launch.nproc_per_node; 0 leaves ``--gpus-per-node`` out (CPU partitions)."""
     cpus_per_task: Optional[int] = None
     mem: Optional[str] = None
     max_parallel: Optional[int] = None
@@ -267,6 +271,8 @@ def _validate(spec: SweepSpec) -> None:
     w = spec.schedule.warmup_fraction
     if w is not None and not 0 <= w < 1:
         raise ValueError(f"schedule.warmup_fraction={w!r}: must be in [0, 1)")
+    if spec.schedule.data_cache not in ("shared", "per_run"):
+        raise ValueError(f"schedule.data_cache={spec.schedule.data_cache!r}: expected 'shared' or 'per_run'")
     if spec.schedule.min_train_iters < 1:
         raise ValueError("schedule.min_train_iters: must be >= 1")
 

@@ -125,3 +125,4 @@ def test_the_gpu_example_plans(tmp_path):
     big = next(r for r in runs if r.record["size"] == 16)
     assert big.config["training"]["lr"] == 6.0e-4 and big.config["training"]["global_batch_size"] == 128
     assert all(r.record["train_iters"] >= 200 for r in runs)
+    assert big.config["data"]["cache_dir"] == big.folder.file("data_cache")   # schedule.data_cache: per_run

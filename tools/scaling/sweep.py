@@ -8,8 +8,13 @@ The code lives in ``megatron_transmamba.scaling`` (docs/scaling.md).
 """
 
 import sys
+import warnings
 
-from megatron_transmamba.scaling.cli import main
+# megatron-core announces on import that optional fused kernels (Apex, Transformer Engine) are
+# absent; the sweep's own output is easier to read without it.
+warnings.filterwarnings("ignore", message="(Transformer Engine|Apex).* not installed")
+
+from megatron_transmamba.scaling.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())
