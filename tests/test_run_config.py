@@ -25,10 +25,24 @@ def test_layer_pattern_sets_layers_and_transpoints():
     (dict(ssd_chunk_size=0), "ssd_chunk_size=0"),
     (dict(mixer_backend="cuda"), "mixer_backend='cuda'"),
     (dict(tensor_model_parallel_size=4, mamba_num_groups=2), "mamba_num_groups=2 must be divisible by tensor_model_parallel_size=4"),
+    (dict(tensor_model_parallel_size=2, mamba_num_heads=3, mamba_num_groups=1),
+     r"mamba_num_heads=3 must be divisible by tensor_model_parallel_size=2 \(parallel\."),
+    (dict(tensor_model_parallel_size=2, layer_pattern="T-", ffn_hidden_size=33),
+     "ffn_hidden_size=33 must be divisible by tensor_model_parallel_size=2"),
+    (dict(tensor_model_parallel_size=2, sequence_parallel=True, seq_length=63),
+     "seq_length=63 must be divisible by tensor_model_parallel_size=2"),
 ])
 def test_model_validation_names_the_field(overrides, match):
     with pytest.raises(ValueError, match=match):
         TransMambaConfig(**{**BASE, **overrides})
+
+
+def test_sequence_parallel_needs_tensor_parallel():
+    with pytest.raises(ValueError, match=r"parallel.sequence_parallel=true needs "
+                                         r"parallel.tensor_model_parallel_size > 1"):
+        build_run_config({"parallel": {"sequence_parallel": True}})
+    cfg = build_run_config({"parallel": {"sequence_parallel": True, "tensor_model_parallel_size": 2}})
+    assert cfg.parallel.sequence_parallel
 
 
 def test_yaml_unknown_keys_and_types_are_errors(tmp_path):

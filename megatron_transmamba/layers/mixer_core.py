@@ -105,6 +105,3 @@ BACKENDS = {
     "torch": (transmamba_core_torch, gated_rmsnorm_naive),
     "triton": (transmamba_core_triton, gated_rmsnorm_triton),
 }
-
-# TODO(#3): the mixer still imports this name; it switches to BACKENDS with the fused norm.
-gated_grouped_rmsnorm = gated_rmsnorm_naive

@@ -31,11 +31,9 @@ from torch import Tensor
 
 from megatron_transmamba.config import TransMambaConfig
 from megatron_transmamba.layers.rotary import apply_rope
-from megatron_transmamba.layers.mixer_core import (gated_grouped_rmsnorm, transmamba_core_torch,
-                                                   transmamba_core_triton)
+from megatron_transmamba.layers.mixer_core import BACKENDS
 from megatron_transmamba.parallel.tensor_parallel import local_components, split_sharded_tensor
 
-_CORES = {"torch": transmamba_core_torch, "triton": transmamba_core_triton}
 IN_PROJ_COMPONENTS = ("z", "x", "B", "C", "dt")
 CONV_COMPONENTS = ("x", "B", "C")
 
@@ -70,7 +68,7 @@ class TransMambaMixer(MegatronModule):
         self.inner = self.heads * P                                   # local H*P
         self.conv_channels = self.inner + 2 * self.groups * N
         self.softmax_scale = 1.0 / math.sqrt(N)
-        self.core = _CORES[config.mixer_backend]
+        self.core, self.gated_norm = BACKENDS[config.mixer_backend]
         # Full (TP = 1) sizes of the components of in_proj's rows and of the conv channels.
         self.in_proj_sections = (H * P, H * P, G * N, G * N, H)
         self.conv_sections = (H * P, G * N, G * N)
@@ -172,8 +170,8 @@ class TransMambaMixer(MegatronModule):
             rotary = partial(apply_rope, table=rotary_pos_emb)
         y = self.core(x, dt, A, B, C, self.D.to(dt.dtype), self.transpoint,
                       self.config.ssd_chunk_size, self.softmax_scale, rotary)  # [B, S, H, P]
-        y = gated_grouped_rmsnorm(y.reshape(batch, seq_len, self.inner), z, self.norm_weight,
-                                  self.groups, self.config.layernorm_epsilon, self.transpoint)
+        y = self.gated_norm(y.reshape(batch, seq_len, self.inner), z, self.norm_weight,
+                            self.groups, self.config.layernorm_epsilon, self.transpoint)
         out, _ = self.out_proj(y.transpose(0, 1))                     # [S, B, d]
         return out, None
 

@@ -17,9 +17,9 @@ they are layout-free and need no re-layout), the loss and grad norm of every ste
 step time after ``--warmup`` steps and the peak memory. The TP = 1 launch writes
 ``<out>/tp1.pt``; the TP = 2 launch compares against it and prints a markdown report (for
 docs/benchmarks.md) with PASS / CHECK against the bf16 tolerances below. ``--section.key=value``
-overrides the run config (e.g. ``--model.mixer_backend=triton``, ``--training.precision=fp32``,
-``--parallel.sequence_parallel=true`` for the TP = 2 launch). It also runs on CPU (gloo, fp32)
-with a small config, which is how it was checked.
+overrides the run config in both launches (e.g. ``--model.mixer_backend=triton``,
+``--training.precision=fp32``); ``--sequence-parallel`` turns SP on for the TP = 2 launch. It
+also runs on CPU (gloo, fp32) with a small config, which is how it was checked.
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ def run(args, overrides) -> dict:
 
     def random_batch():
         tokens = torch.randint(0, vocab, (batch, seq + 1), generator=generator)
-        return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(batch, seq)}
+        return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+                "loss_mask": torch.ones(batch, seq)}
 
     probe = random_batch()
     result = {"tp": args.tp, "sequence_parallel": model_config.sequence_parallel,
@@ -142,11 +143,13 @@ def report(ref: dict, run: dict) -> tuple[str, bool]:
     logits = (run["logits"] - ref["logits"]).abs().max().item() / ref["logits"].abs().max().item()
     loss = max(abs(a - b) for a, b in zip(run["losses"], ref["losses"]))
     weights = max(_relative(ref["weight_norms"][k], v) for k, v in run["weight_norms"].items())
-    grads = {k: _relative(ref["grad_norms_step1"][k], v) for k, v in run["grad_norms_step1"].items()}
+    grads = {k: _relative(ref["grad_norms_step1"][k], v)
+             for k, v in run["grad_norms_step1"].items()}
     worst = max(grads, key=grads.get)
-    checks = [("initial weight norms (max rel. diff)", weights, 1e-6),
+    checks = [("initial weight norms (max rel. diff)", weights, 1e-5),
               ("logits before training (max abs diff / max abs)", logits, tol["logits"]),
-              (f"step-1 grad norm per parameter (max rel. diff: {worst})", grads[worst], tol["norm"]),
+              (f"step-1 grad norm per parameter (max rel. diff: {worst})", grads[worst],
+               tol["norm"]),
               (f"losses of {len(run['losses'])} steps (max abs diff)", loss, tol["loss"])]
     ok = all(value <= limit for _, value, limit in checks)
     speed = ref["median_step_s"] / run["median_step_s"]
@@ -162,15 +165,16 @@ def report(ref: dict, run: dict) -> tuple[str, bool]:
         *[f"| {name} | {value:.2e} | {limit:.0e} | {'PASS' if value <= limit else 'CHECK'} |"
           for name, value, limit in checks],
         "",
-        "| layout | step (ms) | tokens/s | peak memory per GPU (GiB) | last loss |",
+        "| layout | step (ms) | tokens/s | peak memory per rank (GiB) | last loss |",
         "|---|---|---|---|---|",
     ]
     tokens = run["seq_length"] * run["micro_batch_size"]
-    for name, r in (("TP = 1 (1 GPU)", ref), ("TP = 2 (2 GPUs)", run)):
-        lines.append(f"| {name} | {r['median_step_s'] * 1e3:.1f} | {tokens / r['median_step_s']:,.0f} "
+    for name, r in (("TP = 1", ref), ("TP = 2", run)):
+        step = r["median_step_s"]
+        lines.append(f"| {name} | {step * 1e3:.1f} | {tokens / step:,.0f} "
                      f"| {r['peak_memory_gib']:.1f} | {r['losses'][-1]:.4f} |")
     lines += ["", f"TP = 2 step speed-up over TP = 1: {speed:.2f}x "
-              f"(per-GPU efficiency {speed / 2:.0%})", "",
+              f"(parallel efficiency {speed / 2:.0%})", "",
               "losses TP=1: " + ", ".join(f"{x:.4f}" for x in ref["losses"]),
               "losses TP=2: " + ", ".join(f"{x:.4f}" for x in run["losses"])]
     return "\n".join(lines), ok
@@ -184,7 +188,11 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--micro-batch-size", type=int, default=1)
+    parser.add_argument("--sequence-parallel", action="store_true",
+                        help="turn on sequence parallelism for the --tp 2 launch")
     args, overrides = parser.parse_known_args(argv)
+    if args.sequence_parallel and args.tp == 2:
+        overrides.append("--parallel.sequence_parallel=true")
     if args.steps <= args.warmup:
         parser.error("--steps must be larger than --warmup")
     reference_path = os.path.join(args.out, "tp1.pt")
