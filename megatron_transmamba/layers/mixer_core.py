@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_transmamba.layers.memory_converter import memory_converter
+from transmamba_kernels.conv.naive import causal_conv1d_silu_naive
 from transmamba_kernels.norm.naive import gated_rmsnorm_naive
 from transmamba_kernels.ssd.naive import chunk_ssd_naive
 
@@ -100,8 +101,15 @@ def gated_rmsnorm_triton(*args):
     return fused(*args)
 
 
+def causal_conv1d_silu_triton(*args):
+    from transmamba_kernels.conv.causal_conv import causal_conv1d_silu_triton as fused
+    return fused(*args)
+
+
 # backend -> (core, gated grouped RMSNorm); all share the signatures of the torch entries
 BACKENDS = {
     "torch": (transmamba_core_torch, gated_rmsnorm_naive),
     "triton": (transmamba_core_triton, gated_rmsnorm_triton),
 }
+# backend -> causal depthwise conv + SiLU over [B, T, C]
+CONV_BACKENDS = {"torch": causal_conv1d_silu_naive, "triton": causal_conv1d_silu_triton}
