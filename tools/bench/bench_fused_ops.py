@@ -32,7 +32,7 @@ def bench(fn):
 def run_op(name, naive, fused, make_args, grads_of):
     args32 = make_args(torch.float32)
     args16 = [a.detach().to(torch.bfloat16).requires_grad_(True)
-              if isinstance(a, torch.Tensor) and a.dim() == 3 else a for a in args32]
+              if isinstance(a, torch.Tensor) else a for a in args32]
     ref = naive(*args32)
     dout = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, grads_of(args32), dout)
