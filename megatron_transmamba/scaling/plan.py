@@ -196,12 +196,8 @@ def _resolve(raw: dict, spec: SweepSpec, folder: RunFolder, iters: int, global_b
     if spec.schedule.warmup_fraction is not None:
         training["lr_warmup_iters"] = min(iters - 1, round(spec.schedule.warmup_fraction * iters))
     checkpoint = dict(raw.get("checkpoint") or {})
-    if spec.launch.world_size == 1:
-        checkpoint.update(save=folder.checkpoint_dir, resume=True)
-    else:
-        # The trainer's checkpoints are single-process until distributed checkpoints land;
-        # until then a multi-process run restarts from scratch. TODO(#6)
-        checkpoint.update(save=None, resume=False)
+    # A relaunch keeps the run's layout, so the trainer's per-rank checkpoints resume it.
+    checkpoint.update(save=folder.checkpoint_dir, resume=True)
     checkpoint.setdefault("keep_last", 1)
     data = dict(raw.get("data") or {})
     data["cache_dir"] = (folder.file("data_cache") if spec.schedule.data_cache == "per_run" else
