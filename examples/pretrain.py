@@ -18,6 +18,29 @@ from megatron_transmamba.training.config import load_run_config
 from megatron_transmamba.training.pretrain import check_run_config, pretrain
 
 
+def wait_for_other_ranks(key: str, timeout_s: float = 30.0) -> None:
+    """torchrun stops every rank once one exits. Before exiting with an error, wait (at most
+    ``timeout_s``) until every rank has reached the same point on the launcher's store, so that
+    each one prints its error instead of being cut short."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1 or "MASTER_ADDR" not in os.environ:
+        return
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    key = f"megatron_transmamba/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{key}"
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              is_master=False, timeout=timedelta(seconds=timeout_s))
+        store.add(key, 1)
+        deadline = time.monotonic() + timeout_s
+        while store.add(key, 0) < world and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except Exception:  # no store to wait on: exit at once
+        pass
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML run config (default: built-in defaults)")
@@ -29,7 +52,8 @@ def main(argv=None) -> int:
         cfg = load_run_config(args.config, overrides)
         check_run_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     except ValueError as err:
-        print(f"error (rank {os.environ.get('RANK', 0)}): {err}", file=sys.stderr)
+        print(f"error (rank {os.environ.get('RANK', 0)}): {err}", file=sys.stderr, flush=True)
+        wait_for_other_ranks("config_error")
         return 2
     result = pretrain(cfg)
     if result.valid_losses:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job: train a tiny TransMamba on the embedded corpus (CPU is fine), via torchrun.
+# The main job: train a tiny TransMamba on the embedded corpus (CPU is fine), via torchrun, then
+# print a short sample from the newest checkpoint.
 # Extra arguments are config overrides, e.g. --training.train_iters=100.
 # The process count follows the layout: tensor x pipeline parallel size from the overrides
 # (--parallel.tensor_model_parallel_size=2 runs 2 processes); MTM_NPROC sets it explicitly
@@ -11,15 +12,17 @@ bash tools/setup_env.sh
 py="${MTM_VENV:-$root/.venv}/bin/python"
 [ "${MTM_SKIP_SETUP:-0}" = "1" ] && py=python
 
-tp=1 pp=1 prev=""
+tp=1 pp=1 save=runs/tiny_cpu prev=""
 for arg in "$@"; do
   case "$prev" in
     --parallel.tensor_model_parallel_size) tp="$arg" ;;
     --parallel.pipeline_model_parallel_size) pp="$arg" ;;
+    --checkpoint.save) save="$arg" ;;
   esac
   case "$arg" in
     --parallel.tensor_model_parallel_size=*) tp="${arg#*=}" ;;
     --parallel.pipeline_model_parallel_size=*) pp="${arg#*=}" ;;
+    --checkpoint.save=*) save="${arg#*=}" ;;
   esac
   prev="$arg"
 done
@@ -31,5 +34,11 @@ for value in "$tp" "$pp" "${MTM_NPROC:-1}"; do
 done
 nproc="${MTM_NPROC:-$((tp * pp))}"
 
-exec "$py" -m torch.distributed.run --standalone --nproc_per_node="$nproc" \
+"$py" -m torch.distributed.run --standalone --nproc_per_node="$nproc" \
   examples/pretrain.py --config examples/configs/tiny_cpu.yaml "$@"
+
+# A short greedy sample from the newest checkpoint (hybrid-cache generation; MTM_NO_SAMPLE=1 skips).
+if [ "${MTM_NO_SAMPLE:-0}" != "1" ] && [ -f "$save/latest" ]; then
+  echo "--- sample (greedy, 80 bytes) ---"
+  "$py" examples/generate.py "$save" --prompt "def " --max-new-tokens 80
+fi

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from megatron_transmamba.config import TransMambaConfig
 from megatron_transmamba.layers.rotary import apply_rope
-from megatron_transmamba.layers.mixer_core import BACKENDS
+from megatron_transmamba.layers.mixer_core import BACKENDS, CONV_BACKENDS
 from megatron_transmamba.parallel.tensor_parallel import local_components, split_sharded_tensor
 
 IN_PROJ_COMPONENTS = ("z", "x", "B", "C", "dt")
@@ -69,6 +69,7 @@ class TransMambaMixer(MegatronModule):
         self.conv_channels = self.inner + 2 * self.groups * N
         self.softmax_scale = 1.0 / math.sqrt(N)
         self.core, self.gated_norm = BACKENDS[config.mixer_backend]
+        self.conv_silu = CONV_BACKENDS[config.mixer_backend]
         # Full (TP = 1) sizes of the components of in_proj's rows and of the conv channels.
         self.in_proj_sections = (H * P, H * P, G * N, G * N, H)
         self.conv_sections = (H * P, G * N, G * N)
@@ -153,7 +154,7 @@ class TransMambaMixer(MegatronModule):
         projected = projected.transpose(0, 1)                         # [B, S, ...]
         seq_len = projected.shape[1]
         z, xBC, dt = torch.split(projected, [self.inner, self.conv_channels, self.heads], dim=-1)
-        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :seq_len]).transpose(1, 2)
+        xBC = self.conv_silu(xBC, self.conv1d.weight, self.conv1d.bias)      # [B, S, channels]
         x, B, C = torch.split(xBC, [self.inner, self.groups * self.state_dim,
                                     self.groups * self.state_dim], dim=-1)
         batch = x.shape[0]

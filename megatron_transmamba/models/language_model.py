@@ -14,9 +14,11 @@ attention and MLP, and the LM head gathers the sequence back: logits are [S, B, 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
@@ -24,7 +26,8 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.utils import sharded_state_dict_default
-from megatron.core.utils import get_pg_size
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.utils import get_pg_rank, get_pg_size
 from torch import Tensor, nn
 
 from megatron_transmamba.config import TransMambaConfig
@@ -39,60 +42,114 @@ class TransMambaLanguageModel(MegatronModule):
     """Decoder-only LM whose layers follow ``config.layer_pattern``."""
 
     def __init__(self, config: TransMambaConfig, vocab_size: int,
-                 use_transformer_engine: bool = False, pg_collection=None):
+                 use_transformer_engine: bool = False, pg_collection=None,
+                 layer_range: Optional[range] = None, pre_process: bool = True,
+                 post_process: bool = True, init_seed: Optional[int] = None,
+                 vp_stage: Optional[int] = None, recompute: bool = False):
         """``pg_collection``: megatron-core ``ProcessGroupCollection`` (tp, cp, pp at least);
-        default: the groups of megatron's parallel state (``parallel.initialize``)."""
+        default: the groups of megatron's parallel state (``parallel.initialize``).
+
+        A pipeline stage (``parallel/pipeline.py``) builds the layers of ``layer_range`` (global
+        indices into the pattern, default all), the embedding if ``pre_process`` and the final
+        norm and LM head if ``post_process``. With ``init_seed`` each part draws its initial
+        weights from its own seed (the embedding ``init_seed``, layer i ``init_seed + 1 + i``,
+        the head ``init_seed + 1 + num_layers``), so the initial model is the same for every
+        pipeline split; without it the parts draw one after another from the global RNG.
+        ``vp_stage``: this chunk's index on its rank under interleaved pipelining.
+        ``recompute``: full activation recomputation; each layer keeps only its input and
+        runs its forward again during backward (torch.utils.checkpoint). It restores torch's
+        RNG but not megatron's tensor-parallel RNG tracker, so it refuses dropout."""
         super().__init__(config)
         self.config = config
         self.model_type = ModelType.encoder_or_decoder   # read by megatron-core's schedules
         self.vocab_size = vocab_size
+        self.pre_process, self.post_process = pre_process, post_process
+        self.share_embeddings_and_output_weights = False  # read by finalize_model_grads
+        self.layer_range = layer_range if layer_range is not None else range(config.num_layers)
+        self.input_tensor = None
+        if recompute and (config.hidden_dropout or config.attention_dropout):
+            raise ValueError("activation recomputation (training.recompute='full') needs "
+                             "hidden_dropout = attention_dropout = 0")
+        self.recompute = recompute
         self.pg_collection = pg_collection if pg_collection is not None else model_process_groups()
         self.tp_group = tp_group = self.pg_collection.tp
         _check_tensor_parallel_group(config, vocab_size, get_pg_size(tp_group))
-        self.embedding = LanguageModelEmbedding(config, vocab_size, config.seq_length,
-                                                position_embedding_type="none", tp_group=tp_group)
+
+        @contextlib.contextmanager
+        def seeded(offset: int):
+            if init_seed is None:
+                yield
+                return
+            with torch.random.fork_rng(devices=[]):   # weights are drawn on the CPU
+                torch.manual_seed(init_seed + offset)
+                yield
+
+        if pre_process:
+            with seeded(0):
+                self.embedding = LanguageModelEmbedding(config, vocab_size, config.seq_length,
+                                                        position_embedding_type="none",
+                                                        tp_group=tp_group)
         specs = layer_specs(use_transformer_engine)
+        # megatron-core's TransformerLayer adds its own (even-split) pipeline offset to
+        # layer_number; subtract it so every layer keeps its global number.
+        megatron_offset = get_transformer_layer_offset(config, vp_stage,
+                                                       get_pg_rank(self.pg_collection.pp))
         layers = []
-        for index, symbol in enumerate(config.layer_pattern):
-            if symbol in "TM":
-                layers.append(build_module(specs[symbol], config, layer_number=index + 1,
-                                           tp_group=tp_group))
-            else:
-                layers.append(build_module(specs[symbol], config=config, layer_number=index + 1,
-                                           pg_collection=self.pg_collection))
+        for index in self.layer_range:
+            symbol = config.layer_pattern[index]
+            with seeded(1 + index):
+                if symbol in "TM":
+                    layers.append(build_module(specs[symbol], config, layer_number=index + 1,
+                                               tp_group=tp_group))
+                else:
+                    layers.append(build_module(specs[symbol], config=config,
+                                               layer_number=index + 1 - megatron_offset,
+                                               pg_collection=self.pg_collection,
+                                               vp_stage=vp_stage))
         self.layers = nn.ModuleList(layers)
-        self.final_norm = RMSNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
-        self.output_layer = tensor_parallel.ColumnParallelLinear(
-            config.hidden_size, vocab_size, config=config, init_method=config.init_method,
-            bias=False, gather_output=False, skip_bias_add=False, tp_group=tp_group)
+        if post_process:
+            self.final_norm = RMSNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
+            with seeded(1 + config.num_layers):
+                self.output_layer = tensor_parallel.ColumnParallelLinear(
+                    config.hidden_size, vocab_size, config=config, init_method=config.init_method,
+                    bias=False, gather_output=False, skip_bias_add=False, tp_group=tp_group)
         self.attention_rope_dim = config.kv_channels if "*" in config.layer_pattern else None
         self.mixer_rope_dim = (config.mamba_state_dim if config.uses_mixer
                                and config.mixer_position_embedding == "rope" else None)
 
     def set_input_tensor(self, input_tensor) -> None:
-        """megatron-core's schedules hand a pipeline stage its input activations here; with one
-        stage it is None (pipeline stages: TODO(#5))."""
+        """megatron-core's schedules hand a pipeline stage its input activations [S, B, d]
+        (S/tp under SP) here; the first stage gets None and embeds the tokens."""
         if isinstance(input_tensor, (list, tuple)):
             input_tensor = input_tensor[0]
-        if input_tensor is not None:
-            raise NotImplementedError("pipeline parallelism lands with issue #5")
+        self.input_tensor = input_tensor
 
     def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None) -> Tensor:
-        """input_ids, labels: [B, S]. Returns loss [B, S] with labels, else logits [B, S, V/tp]."""
+        """input_ids, labels: [B, S]. Returns loss [B, S] with labels, else logits [B, S, V/tp];
+        a stage without the LM head returns its hidden states [S, B, d] (S/tp under SP)."""
         seq_len = input_ids.shape[1]
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
-        hidden = self.embedding(input_ids=input_ids, position_ids=position_ids)   # [S, B, d]
+        if self.pre_process:
+            hidden = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [S, B, d]
+        else:
+            hidden = self.input_tensor                      # from the previous stage
         # RoPE tables: '*' layers rotate their head dim, mixers their state dim N.
         attention_rope = mixer_rope = None
         if self.attention_rope_dim:
             attention_rope = rope_table(seq_len, self.attention_rope_dim, self.config.rope_theta, input_ids.device)
         if self.mixer_rope_dim:
             mixer_rope = rope_table(seq_len, self.mixer_rope_dim, self.config.rope_theta, input_ids.device)
-        for symbol, layer in zip(self.config.layer_pattern, self.layers):
-            rope = mixer_rope if symbol in "TM" else attention_rope
-            hidden, _ = layer(hidden, attention_mask=None, rotary_pos_emb=rope)
+        for index, layer in zip(self.layer_range, self.layers):
+            rope = mixer_rope if self.config.layer_pattern[index] in "TM" else attention_rope
+            if self.recompute and torch.is_grad_enabled():
+                hidden = torch.utils.checkpoint.checkpoint(
+                    _run_layer, layer, hidden, rope, use_reentrant=False)
+            else:
+                hidden = _run_layer(layer, hidden, rope)
+        if not self.post_process:
+            return hidden
         hidden = self.final_norm(hidden)                            # [S/tp, B, d] under SP
         logits, _ = self.output_layer(hidden)                       # [S, B, V/tp] (SP: gathered)
         if labels is None:
@@ -121,6 +178,10 @@ class TransMambaLanguageModel(MegatronModule):
                                             f"{prefix}layers.{layer.layer_number - 1}.")
                 sharded.update(layer_state)
         return sharded
+
+
+def _run_layer(layer, hidden: Tensor, rope) -> Tensor:
+    return layer(hidden, attention_mask=None, rotary_pos_emb=rope)[0]
 
 
 def _check_tensor_parallel_group(config: TransMambaConfig, vocab_size: int, tp_size: int) -> None:

@@ -282,6 +282,11 @@ PATCHES: Tuple[object, ...] = (
         _FLOAT_TENSOR,
         "fp32 params are recognised by param.type() == 'torch.cuda.FloatTensor'",
     ),
+    CudaNames(
+        "megatron.core.optimizer.distrib_optimizer",
+        ("current_device",),
+        "DistributedOptimizer.load_state_dict allocates the shards' Adam state on the device",
+    ),
     Constants(
         "megatron.core.optimizer.clip_grads:get_grad_norm_fp32",
         _CUDA_TO_CPU,

@@ -56,6 +56,9 @@ class TrainingConfig:
     """Stop after this step (saving a checkpoint when checkpoint.save is set), e.g. to fit a job
     into a time slot; resuming continues the same schedule up to train_iters."""
     make_vocab_size_divisible_by: int = 64
+    recompute: str = "none"
+    """Activation recomputation: ``none``, or ``full`` (each layer keeps only its input and runs
+    its forward again in backward; needs zero dropout). Selective recomputation: TODO(#5)."""
     """The vocabulary is padded to a multiple of lcm(this, TP size): the same padded model at
     every TP size that divides it."""
 
@@ -77,6 +80,9 @@ class LoggingConfig:
     tensorboard_dir: Optional[str] = None
     """Where TensorBoard scalars go (None: ``<checkpoint.save>/tensorboard`` if saving, else off)."""
     progress_bar: bool = True
+    peak_tflops: Optional[float] = None
+    """Peak dense TFLOP/s of one GPU for MFU (None: by device name, e.g. 989 for H100/H200 in
+    bf16 and 494.5 in fp32/tf32, see training/metrics.py; on CPU no MFU is printed)."""
 
 
 @dataclass
@@ -85,6 +91,17 @@ class ParallelConfig:
     """Ranks that split every layer (heads, groups, FFN, vocabulary); launch a multiple of
     tensor x pipeline parallel size processes (the rest is data parallelism)."""
     pipeline_model_parallel_size: int = 1
+    """Pipeline stages (megatron-core's 1F1B schedule); the layer pattern splits evenly or at
+    its '|' marks, layers keep their global index (TransPoints do not move)."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Model chunks per pipeline rank (interleaved 1F1B): PP x this many stages in all."""
+    use_distributed_optimizer: bool = True
+    """megatron-core's distributed optimizer: each data-parallel rank keeps its 1/DP share of
+    the fp32 main weights and Adam moments; gradients are reduce-scattered and the updated
+    weights all-gathered (the same arithmetic as the all-reduce and a replicated Adam)."""
+    overlap_grad_reduce: bool = True
+    """Start each gradient bucket's data-parallel reduction during the backward of the last
+    micro-batch (megatron-core DDP); earlier micro-batches accumulate without communication."""
     sequence_parallel: bool = False
     """Shard norms and residuals along the sequence over the tensor-parallel ranks (needs
     tensor_model_parallel_size > 1 and seq_length divisible by it)."""
@@ -204,6 +221,8 @@ def _validate(cfg: RunConfig) -> None:
                                             or t.global_batch_size % t.micro_batch_size):
         raise ValueError(f"training.global_batch_size={t.global_batch_size}: must be a positive "
                          f"multiple of training.micro_batch_size={t.micro_batch_size}")
+    if t.recompute not in ("none", "full"):
+        raise ValueError(f"training.recompute={t.recompute!r}: expected 'none' or 'full'")
     if t.precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"training.precision={t.precision!r}: expected 'auto', 'bf16' or 'fp32'")
     if t.lr_decay_style not in ("cosine", "linear", "constant"):
@@ -220,9 +239,10 @@ def _validate(cfg: RunConfig) -> None:
         raise ValueError("parallel.tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1")
     if p.sequence_parallel and p.tensor_model_parallel_size == 1:
         raise ValueError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
-    if p.pipeline_model_parallel_size > 1:
-        raise ValueError("parallel.pipeline_model_parallel_size > 1 is not supported yet "
-                         "(pipeline parallelism lands with issue #5)")
+    v = p.virtual_pipeline_model_parallel_size
+    if v is not None and (v < 2 or p.pipeline_model_parallel_size < 2):
+        raise ValueError(f"parallel.virtual_pipeline_model_parallel_size={v}: must be >= 2 and "
+                         "needs parallel.pipeline_model_parallel_size >= 2 (or leave it unset)")
 
 
 def parse_overrides(args: list[str]) -> dict:

@@ -29,13 +29,17 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megatron_transmamba.config import TransMambaConfig
+from megatron_transmamba.flops import training_flops_per_token
 from megatron_transmamba.data.datasets import build_data_loader, build_pretraining_datasets
 from megatron_transmamba.data.tokenizer import build_tokenizer
 from megatron_transmamba.models.language_model import TransMambaLanguageModel, count_parameters
 from megatron_transmamba.parallel.initialize import (destroy_distributed, initialize_distributed,
                                                      validate_layout)
+from megatron_transmamba.parallel.pipeline import rank_stages, split_layer_pattern, strip_stage_marks
 from megatron_transmamba.training import checkpoint as ckpt
 from megatron_transmamba.training.config import RunConfig
+from megatron_transmamba.training.metrics import (Throughput, format_bytes, memory_estimate_bytes,
+                                                  peak_tflops, throughput)
 
 
 @dataclass
@@ -43,8 +47,11 @@ class TrainResult:
     train_losses: dict = field(default_factory=dict)      # step -> loss
     valid_losses: dict = field(default_factory=dict)      # step -> validation loss
     step_seconds: dict = field(default_factory=dict)      # step -> wall time of the step
+    grad_norms: dict = field(default_factory=dict)        # step -> global gradient norm
     tokens_per_step: int = 0
     initial_valid_loss: Optional[float] = None
+    throughput: Optional[Throughput] = None              # of the last logging interval
+    layout: dict = field(default_factory=dict)           # what the run really used
     num_parameters: int = 0
     seconds: float = 0.0
 
@@ -67,51 +74,220 @@ def resolve_bf16(t) -> bool:
 def build_model_config(cfg: RunConfig, use_bf16: bool) -> TransMambaConfig:
     """The model config with the run's parallel layout; raises ValueError naming the field when
     the layout does not divide the model (heads, groups, FFN, sequence under SP)."""
+    p = cfg.parallel
+    model = dict(cfg.model)
+    if "layer_pattern" in model:                    # '|' marks the pipeline stages
+        model["layer_pattern"] = strip_stage_marks(model["layer_pattern"])
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    pipeline = {}
+    if p.pipeline_model_parallel_size > 1:
+        pipeline = dict(pipeline_dtype=dtype,
+                        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size)
+        if p.virtual_pipeline_model_parallel_size:
+            # batch_p2p_comm=True (the default) swaps activations and gradients on gloo when
+            # the previous and next stage are the same rank (docs/parallelism.md).
+            pipeline.update(overlap_p2p_comm=True, batch_p2p_comm=False)
     return TransMambaConfig(
-        **cfg.model,
-        tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
-        sequence_parallel=cfg.parallel.sequence_parallel,
-        bf16=use_bf16, params_dtype=torch.bfloat16 if use_bf16 else torch.float32,
-        use_cpu_initialization=True)
+        **model,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        bf16=use_bf16, params_dtype=dtype, use_cpu_initialization=True, **pipeline)
+
+
+def pipeline_stages(cfg: RunConfig, model_config: TransMambaConfig) -> list[range]:
+    """The layers of every pipeline stage (PP x virtual size of them), in global indices."""
+    p = cfg.parallel
+    pattern = cfg.model.get("layer_pattern", model_config.layer_pattern)
+    return split_layer_pattern(pattern, p.pipeline_model_parallel_size
+                               * (p.virtual_pipeline_model_parallel_size or 1))
 
 
 def check_run_config(cfg: RunConfig, world_size: int) -> TransMambaConfig:
     """Everything that can be checked before the processes meet: the world size against the
     layout and the model against the layout. Raises ValueError naming the field."""
     p = cfg.parallel
-    validate_layout(world_size, p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
-    return build_model_config(cfg, resolve_bf16(cfg.training))
+    dp_size = validate_layout(world_size, p.tensor_model_parallel_size,
+                              p.pipeline_model_parallel_size)
+    _, num_micro = num_microbatches(cfg.training, dp_size)
+    virtual = p.virtual_pipeline_model_parallel_size
+    if virtual and num_micro % p.pipeline_model_parallel_size:
+        raise ValueError(f"interleaved pipelining needs the micro-batches per step ({num_micro}) "
+                         f"to be a multiple of parallel.pipeline_model_parallel_size "
+                         f"({p.pipeline_model_parallel_size}); raise training.global_batch_size")
+    if virtual and cfg.training.eval_interval and \
+            cfg.training.eval_iters % p.pipeline_model_parallel_size:
+        raise ValueError(f"interleaved pipelining needs training.eval_iters "
+                         f"({cfg.training.eval_iters}) to be a multiple of "
+                         f"parallel.pipeline_model_parallel_size ({p.pipeline_model_parallel_size})")
+    model_config = build_model_config(cfg, resolve_bf16(cfg.training))
+    pipeline_stages(cfg, model_config)
+    return model_config
 
 
-def wrap_model(model, model_config: TransMambaConfig, bf16: bool):
-    """megatron-core DDP (fp32 grad buffers, no distributed optimizer) around the model."""
-    if bf16:
-        model = Float16Module(model_config, model)
-    model_config.no_sync_func = None
-    ddp_model = DistributedDataParallel(
-        config=model_config,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                 use_distributed_optimizer=False),
-        module=model)
-    # Called by the schedule after backward: DP all-reduce, and the TP all-reduce of the norm
-    # weights' partial gradients under sequence parallelism (their `sequence_parallel` flag).
+def num_microbatches(t, dp_size: int) -> tuple[int, int]:
+    """(global batch, micro-batches per rank and step): the global batch is micro_batch_size x
+    DP x the gradient-accumulation steps. Raises ValueError when it does not divide."""
+    global_batch = t.global_batch_size or t.micro_batch_size * dp_size
+    if global_batch % (t.micro_batch_size * dp_size):
+        raise ValueError(f"training.global_batch_size={global_batch} must be a multiple of "
+                         f"training.micro_batch_size x data-parallel size = "
+                         f"{t.micro_batch_size} x {dp_size}")
+    return global_batch, global_batch // (t.micro_batch_size * dp_size)
+
+
+def wrap_model(model, model_config: TransMambaConfig, bf16: bool,
+               use_distributed_optimizer: bool = False, overlap_grad_reduce: bool = False):
+    """megatron-core DDP around one model (see ``wrap_model_chunks``)."""
+    return wrap_model_chunks([model], model_config, bf16, use_distributed_optimizer,
+                             overlap_grad_reduce)[0]
+
+
+def wrap_model_chunks(chunks: list, model_config: TransMambaConfig, bf16: bool,
+                      use_distributed_optimizer: bool = False,
+                      overlap_grad_reduce: bool = False) -> list:
+    """megatron-core DDP (fp32 gradient buffers) around each model chunk of this rank (one per
+    virtual pipeline stage). With ``overlap_grad_reduce`` the buckets are reduced during the
+    last micro-batch's backward (``no_sync`` holds the earlier ones); with
+    ``use_distributed_optimizer`` they are reduce-scattered instead of all-reduced, for the
+    optimizer's 1/DP shards."""
+    ddp_models = []
+    for index, model in enumerate(chunks):
+        if bf16:
+            model = Float16Module(model_config, model)
+        ddp_models.append(DistributedDataParallel(
+            config=model_config,
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
+                use_distributed_optimizer=use_distributed_optimizer),
+            module=model,
+            # as Megatron-LM: one bucket for the later chunks, whose backward ends the step
+            disable_bucketing=index > 0))
+    no_sync = [m.no_sync for m in ddp_models]
+    model_config.no_sync_func = ((no_sync[0] if len(no_sync) == 1 else no_sync)
+                                 if overlap_grad_reduce else None)
+    # Called by the schedule after backward: waits for (or starts) the DP reduction, and the TP
+    # all-reduce of the norm weights' partial gradients under sequence parallelism (their
+    # `sequence_parallel` flag).
     model_config.finalize_model_grads_func = finalize_model_grads
-    return ddp_model
+    return ddp_models
 
 
-def build_optimizer(ddp_model, t, bf16: bool, params_dtype: torch.dtype):
+def freeze_unused_parameters(model, vocab_size: int, seq_length: int,
+                             device: torch.device) -> list[str]:
+    """Freeze the parameters that get no gradient at this sequence length, and name them.
+
+    A ``T`` layer whose TransPoint is T runs attention over the whole sequence, so its SSM-only
+    parameters (A_log, dt_bias, D) never get a gradient. Overlapped gradient reduction starts a
+    bucket's reduction when every parameter in it reported a gradient, so such a bucket would
+    never be reduced (megatron-core asserts). One forward/backward of one sequence finds them;
+    they do not affect the loss, so freezing them changes no loss (it only spares them the
+    weight decay). The RNG states are restored, so the run is the same as without the probe.
+    """
+    saved = ckpt.rng_state()
+    tokens = torch.randint(0, vocab_size, (1, seq_length), device=device)
+    if not model.pre_process:                  # a later pipeline stage: a made-up input
+        config = model.config
+        rows = seq_length // config.tensor_model_parallel_size if config.sequence_parallel \
+            else seq_length
+        model.set_input_tensor(torch.randn(rows, 1, config.hidden_size, device=device))
+    model(tokens, labels=tokens).float().sum().backward()
+    model.set_input_tensor(None)
+    unused = [name for name, param in model.named_parameters()
+              if param.requires_grad and param.grad is None]
+    for name, param in model.named_parameters():
+        param.grad = None
+        if name in unused:
+            param.requires_grad_(False)
+    ckpt.set_rng_state(saved)
+    return unused
+
+
+def build_optimizer(ddp_model, t, bf16: bool, params_dtype: torch.dtype,
+                    use_distributed_optimizer: bool = False):
     """megatron-core Adam(W) with global-norm clipping and its warmup + decay LR scheduler."""
+    ddp_models = ddp_model if isinstance(ddp_model, list) else [ddp_model]
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
-                        clip_grad=t.clip_grad, bf16=bf16, params_dtype=params_dtype),
-        [ddp_model])
+                        clip_grad=t.clip_grad, bf16=bf16, params_dtype=params_dtype,
+                        use_distributed_optimizer=use_distributed_optimizer),
+        ddp_models)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.lr_warmup_iters,
         lr_decay_steps=t.train_iters, lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay,
         end_wd=t.weight_decay, wd_incr_steps=t.train_iters, wd_incr_style="constant")
     return optimizer, scheduler
+
+
+def _distributed_optimizers(optimizer) -> list:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [o for o in chained if isinstance(o, DistributedOptimizer)]
+
+
+def optimizer_state(optimizer) -> dict:
+    """This rank's optimizer state for its checkpoint file. The distributed optimizer's
+    ``state_dict`` leaves out the parameter state (main weights, Adam moments), so its 1/DP
+    shards are added as they lie in the buckets; they load back at the same layout only."""
+    state = {"common": optimizer.state_dict()}
+    shards = [o.get_parameter_state_dp_reshardable() for o in _distributed_optimizers(optimizer)]
+    for shard in shards:
+        for key, buffers in shard.items():
+            if isinstance(key, int):
+                for buckets in buffers.values():
+                    for bucket in buckets:
+                        for entry in bucket:
+                            entry["padding"] = False    # what the loader filters on
+    if shards:
+        state["distributed_parameter_state"] = shards
+    return state
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    if "common" not in state:                           # checkpoints written before #5
+        optimizer.load_state_dict(state)
+        return
+    optimizers = _distributed_optimizers(optimizer)
+    shards = state.get("distributed_parameter_state", [])
+    if len(shards) != len(optimizers):
+        raise ValueError("the checkpoint was saved with parallel.use_distributed_optimizer="
+                         f"{bool(shards)}: resume with the same setting")
+    optimizer.load_state_dict(state["common"])
+    for o in optimizers:
+        # Without apex / Transformer Engine, megatron-core 0.16 gives every parameter's Adam
+        # state the same `step` tensor, which torch's Adam then increments once per parameter:
+        # the bias correction after a resume would be wrong.
+        for param_state in o.optimizer.state.values():
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = param_state["step"].clone()
+    with torch.no_grad():                               # fp32 main weights are the model's
+        for o, shard in zip(optimizers, shards):
+            o.load_parameter_state_from_dp_reshardable(shard)
+
+
+def startup_line(cfg: RunConfig, model_config: TransMambaConfig, info, num_params: int,
+                 chunks: list, bf16: bool, global_batch: int, num_micro: int) -> str:
+    """Layout (TP x PP x DP), model size and this rank's static memory estimate."""
+    p = cfg.parallel
+    local = sum(param.numel() for chunk in chunks for param in chunk.parameters())
+    memory = memory_estimate_bytes(local, bf16, info.data_parallel_size,
+                                   p.use_distributed_optimizer)
+    return (f"layout TP={p.tensor_model_parallel_size}{' (SP)' if p.sequence_parallel else ''} x "
+            f"PP={p.pipeline_model_parallel_size}"
+            f"{f' (virtual {p.virtual_pipeline_model_parallel_size})' if p.virtual_pipeline_model_parallel_size else ''}"
+            f" x DP={info.data_parallel_size} = "
+            f"{info.world_size} ranks ({info.backend}, {info.device.type}, "
+            f"{'bf16' if bf16 else 'fp32'}) | model {num_params / 1e6:,.2f}M parameters, pattern "
+            f"{model_config.layer_pattern}, TransPoints {list(model_config.transpoints)}, "
+            f"T={model_config.seq_length} | global batch {global_batch} = micro "
+            f"{cfg.training.micro_batch_size} x {num_micro} accumulation x DP "
+            f"{info.data_parallel_size} | rank 0 layers "
+            f"{', '.join(f'{c.layer_range.start}-{c.layer_range.stop - 1}' for c in chunks)} | "
+            f"per rank: {local / 1e6:,.2f}M parameters, memory "
+            f"{format_bytes(memory['total'])} (weights {format_bytes(memory['weights'])}, grads "
+            f"{format_bytes(memory['gradients'])}, optimizer {format_bytes(memory['optimizer'])}"
+            f"{' sharded' if p.use_distributed_optimizer else ''}; activations not included)")
 
 
 def lm_forward_step(data_iterator: Iterator, model, device: torch.device):
@@ -131,13 +307,24 @@ def lm_forward_step(data_iterator: Iterator, model, device: torch.device):
     return losses, loss_func
 
 
-def _mean_loss(loss_dicts: list[dict]) -> float:
-    if not loss_dicts:
-        return float("nan")
-    loss = torch.stack([d["lm loss"] for d in loss_dicts]).mean()
+def _mean_loss(loss_dicts: list[dict], pp_group) -> float:
+    """The loss averaged over micro-batches and DP ranks; only the last pipeline stage has it,
+    so it is summed over the pipeline group (the other stages add 0)."""
     group = parallel_state.get_data_parallel_group()
-    torch.distributed.all_reduce(loss, group=group)
-    return loss.item() / torch.distributed.get_world_size(group)
+    if loss_dicts:
+        loss = torch.stack([d["lm loss"] for d in loss_dicts]).mean()
+        torch.distributed.all_reduce(loss, group=group)
+        loss = loss / torch.distributed.get_world_size(group)
+    else:
+        loss = torch.zeros((), device=pp_device())
+    if torch.distributed.get_world_size(pp_group) > 1:
+        torch.distributed.all_reduce(loss, group=pp_group)
+    return loss.item()
+
+
+def pp_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
 
 
 class _Logger:
@@ -187,9 +374,12 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     start_time = time.time()
     t, p = cfg.training, cfg.parallel
     bf16 = resolve_bf16(t)
-    model_config = build_model_config(cfg, bf16)       # before any rendezvous: fails on every rank
+    # before any rendezvous: a bad layout fails on every rank at once
+    model_config = check_run_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     info = initialize_distributed(tensor_model_parallel_size=p.tensor_model_parallel_size,
                                   pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+                                  virtual_pipeline_model_parallel_size=(
+                                      p.virtual_pipeline_model_parallel_size),
                                   seed=t.seed)
     try:
         return _pretrain(cfg, info, model_config, bf16, start_time)
@@ -206,28 +396,45 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
     layout = {"world_size": info.world_size,
               "tensor_model_parallel_size": p.tensor_model_parallel_size,
               "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
-              "sequence_parallel": p.sequence_parallel}
+              "sequence_parallel": p.sequence_parallel,
+              "use_distributed_optimizer": p.use_distributed_optimizer}
     dp_size, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    global_batch = t.global_batch_size or t.micro_batch_size * dp_size
-    if global_batch % (t.micro_batch_size * dp_size):
-        raise ValueError(f"training.global_batch_size={global_batch} must be a multiple of "
-                         f"micro_batch_size x data-parallel size = {t.micro_batch_size * dp_size}")
-    num_micro = global_batch // (t.micro_batch_size * dp_size)
+    global_batch, num_micro = num_microbatches(t, dp_size)
 
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
     vocab_size = pad_vocab_size(tokenizer.vocab_size, t.make_vocab_size_divisible_by,
                                 p.tensor_model_parallel_size)
-    model = TransMambaLanguageModel(model_config, vocab_size, pg_collection=groups).to(device)
-    num_params = count_parameters(model, p.tensor_model_parallel_size)
-    ddp_model = wrap_model(model, model_config, use_bf16)
-    optimizer, scheduler = build_optimizer(ddp_model, t, use_bf16, model_config.params_dtype)
+    stages = pipeline_stages(cfg, model_config)
+    pp_rank, pp_size = (parallel_state.get_pipeline_model_parallel_rank(),
+                        p.pipeline_model_parallel_size)
+    chunks = [TransMambaLanguageModel(model_config, vocab_size, pg_collection=groups,
+                                      layer_range=stages[stage], pre_process=stage == 0,
+                                      post_process=stage == len(stages) - 1,
+                                      init_seed=t.seed, recompute=t.recompute == "full",
+                                      vp_stage=(chunk if p.virtual_pipeline_model_parallel_size
+                                                else None)).to(device)
+              for chunk, stage in enumerate(
+                  rank_stages(pp_rank, pp_size, p.virtual_pipeline_model_parallel_size))]
+    num_params = torch.tensor(float(sum(count_parameters(c, p.tensor_model_parallel_size)
+                                        for c in chunks)), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(num_params, group=groups.pp)
+    num_params = int(num_params.item())
+    frozen = [name for c in chunks
+              for name in freeze_unused_parameters(c, vocab_size, model_config.seq_length, device)
+              ] if p.overlap_grad_reduce else []
+    ddp_models = wrap_model_chunks(chunks, model_config, use_bf16, p.use_distributed_optimizer,
+                                   p.overlap_grad_reduce)
+    optimizer, scheduler = build_optimizer(ddp_models, t, use_bf16, model_config.params_dtype,
+                                           p.use_distributed_optimizer)
 
     step, consumed = 0, 0
     if cfg.checkpoint.resume:
         state = ckpt.load_latest_checkpoint(cfg.checkpoint.save, layout)
         if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            models = state["model"] if isinstance(state["model"], list) else [state["model"]]
+            for chunk, chunk_state in zip(chunks, models, strict=True):
+                chunk.load_state_dict(chunk_state)
+            load_optimizer_state(optimizer, state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             ckpt.set_rng_state(state["rng"])
             step, consumed = state["step"], state["consumed_samples"]
@@ -239,64 +446,93 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
     train_ds, valid_ds, _ = build_pretraining_datasets(
         cfg.data, tokenizer, seq_length,
         (t.train_iters * global_batch, t.eval_iters * t.micro_batch_size * dp_size, 0), t.seed)
-    train_loader = build_data_loader(train_ds, consumed, t.micro_batch_size, dp_rank, dp_size,
-                                     cfg.data.num_workers)
-    train_iter = iter(train_loader)
-    forward_backward = partial(get_forward_backward_func(), pg_collection=groups)
+
+    def iterators(dataset, consumed_samples, num_workers):
+        """One iterator per model chunk (the interleaved schedule reads each chunk's own);
+        every stage reads the same batches (the first uses the tokens, the last the labels)."""
+        its = [iter(build_data_loader(dataset, consumed_samples, t.micro_batch_size, dp_rank,
+                                      dp_size, num_workers)) for _ in chunks]
+        return its if len(its) > 1 else its[0]
+
+    train_iter = iterators(train_ds, consumed, cfg.data.num_workers)
+    schedule = {"pg_collection": groups}
+    if p.pipeline_model_parallel_size > 1:
+        from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+        schedule["p2p_communicator"] = P2PCommunicator(groups.pp, model_config)
+    forward_backward = partial(get_forward_backward_func(), **schedule)
     forward_step = partial(lm_forward_step, device=device)
 
     def evaluate() -> float:
-        ddp_model.eval()
-        loader = build_data_loader(valid_ds, 0, t.micro_batch_size, dp_rank, dp_size, 0)
+        for m in ddp_models:
+            m.eval()
         with torch.no_grad():
             out = forward_backward(forward_step_func=lambda it, m: forward_step(it, m),
-                                   data_iterator=iter(loader), model=[ddp_model],
+                                   data_iterator=iterators(valid_ds, 0, 0), model=ddp_models,
                                    num_microbatches=t.eval_iters, seq_length=seq_length,
                                    micro_batch_size=t.micro_batch_size, forward_only=True)
-        ddp_model.train()
-        return _mean_loss(out)
+        for m in ddp_models:
+            m.train()
+        return _mean_loss(out, groups.pp)
 
-    result = TrainResult(num_parameters=num_params)
+    result = TrainResult(num_parameters=num_params, layout={
+        "world_size": info.world_size, "tensor_model_parallel_size": info.tensor_model_parallel_size,
+        "pipeline_model_parallel_size": info.pipeline_model_parallel_size,
+        "data_parallel_size": dp_size, "num_microbatches": num_micro,
+        "optimizer": [type(o).__name__ for o in getattr(optimizer, "chained_optimizers", [optimizer])],
+        "overlap_grad_reduce": ddp_models[0].ddp_config.overlap_grad_reduce,
+        "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
+        "stage_layers": [[r.start, r.stop] for r in stages],
+        "rank_layers": [list(c.layer_range) for c in chunks],
+        "layer_numbers": [[layer.layer_number for layer in c.layers] for c in chunks]})
     log = _Logger(cfg, t.train_iters, step, rank0)
+    flops_per_token = training_flops_per_token(model_config, vocab_size)
+    peak = peak_tflops(cfg.logging.peak_tflops, use_bf16, device)
     if rank0:
-        log.line(f"model: {num_params:,} parameters | pattern {model_config.layer_pattern} | "
-                 f"TransPoints {list(model_config.transpoints)} | T={seq_length} | "
-                 f"layout TP={p.tensor_model_parallel_size}{' (SP)' if p.sequence_parallel else ''}"
-                 f" x DP={dp_size} | "
-                 f"{device.type} {'bf16' if use_bf16 else 'fp32'} | global batch {global_batch}")
+        log.line(startup_line(cfg, model_config, info, num_params, chunks, use_bf16,
+                              global_batch, num_micro))
+        if frozen:
+            log.line(f"frozen (no gradient at T={seq_length}, see freeze_unused_parameters): "
+                     f"{', '.join(frozen)}")
     if t.eval_interval and step == 0:
         result.initial_valid_loss = evaluate()
         result.valid_losses[0] = result.initial_valid_loss
         log.line(f"step {0:>6} | validation loss {result.initial_valid_loss:.4f}")
         log.scalars(0, **{"loss/validation": result.initial_valid_loss})
 
-    ddp_model.train()
+    for m in ddp_models:
+        m.train()
     tic, last_logged = time.time(), step
     result.tokens_per_step = global_batch * seq_length
     while step < t.train_iters:
         step_start = time.time()
-        ddp_model.zero_grad_buffer()
+        for m in ddp_models:
+            m.zero_grad_buffer()
         optimizer.zero_grad()
         out = forward_backward(forward_step_func=forward_step, data_iterator=train_iter,
-                               model=[ddp_model], num_microbatches=num_micro,
+                               model=ddp_models, num_microbatches=num_micro,
                                seq_length=seq_length, micro_batch_size=t.micro_batch_size,
                                forward_only=False)
         ok, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
         step += 1
         consumed += global_batch
-        loss = _mean_loss(out)                 # .item() waits for the GPU: the step is done
+        loss = _mean_loss(out, groups.pp)                 # .item() waits for the GPU: the step is done
         result.step_seconds[step] = time.time() - step_start
         result.train_losses[step] = loss
+        result.grad_norms[step] = float(grad_norm or 0.0)
         lr = optimizer.param_groups[0]["lr"]
         log.advance(loss)
         log.scalars(step, **{"loss/train": loss, "lr": lr, "grad_norm": grad_norm or 0.0})
         if step % t.log_interval == 0 or step == t.train_iters:
             elapsed = time.time() - tic
-            tokens_per_s = (step - last_logged) * global_batch * seq_length / max(elapsed, 1e-9)
+            speed = throughput((step - last_logged) * global_batch * seq_length, elapsed,
+                               flops_per_token, info.world_size, peak)
+            result.throughput = speed
             log.line(f"step {step:>6} | loss {loss:.4f} | lr {lr:.3e} | grad norm "
-                     f"{(grad_norm or 0.0):.3f} | {tokens_per_s:,.0f} tokens/s")
-            log.scalars(step, **{"throughput/tokens_per_s": tokens_per_s})
+                     f"{(grad_norm or 0.0):.3f} | {speed.describe()}")
+            log.scalars(step, **{"throughput/tokens_per_s": speed.tokens_per_s,
+                                 "throughput/tflops_per_gpu": speed.tflops_per_gpu,
+                                 **({"throughput/mfu": speed.mfu} if speed.mfu is not None else {})})
             tic, last_logged = time.time(), step
         if t.eval_interval and (step % t.eval_interval == 0 or step == t.train_iters):
             result.valid_losses[step] = evaluate()
@@ -306,7 +542,8 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
         if cfg.checkpoint.save and (step % cfg.checkpoint.save_interval == 0
                                     or step == t.train_iters or stopping):
             path = ckpt.save_checkpoint(cfg.checkpoint.save, step, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "model": ([c.state_dict() for c in chunks] if len(chunks) > 1
+                          else chunks[0].state_dict()), "optimizer": optimizer_state(optimizer),
                 "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
                 "consumed_samples": consumed, "config": cfg.to_dict()},
                 keep_last=cfg.checkpoint.keep_last, layout=layout)

@@ -98,3 +98,47 @@ def test_parameter_count_of_the_400m_layout_matches_the_formula():
     mixer = d * (2 * H * P + 2 * G * N + H) + conv * W + conv + 3 * H + H * P + H * P * d + d
     mlp = d * 2 * ffn + ffn * d + d
     assert count_parameters(model) == 3 * (mixer + mlp) + 2 * V * d + d
+
+
+def test_full_recompute_gives_the_same_loss_and_gradients_and_reruns_each_layer():
+    kw = dict(transpoint_schedule="list", transpoint_values=[0, 13])
+    plain, recomputed = build("T-*-T-", **kw), build("T-*-T-", **kw)
+    recomputed.load_state_dict(plain.state_dict())
+    recomputed.recompute = True
+    calls = []
+    recomputed.layers[0].register_forward_pre_hook(lambda *args: calls.append(1))
+    tokens = torch.randint(0, 64, (2, 40))
+    grads = []
+    for model in (plain, recomputed):
+        loss = model(tokens, labels=torch.roll(tokens, -1, 1)).mean()
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert len(calls) == 2                       # forward, and again during backward
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=1e-6, msg=name)
+
+
+def test_pipeline_stages_keep_global_layer_numbers_and_chain_to_the_whole_model():
+    """Two stages built from the same init_seed are the whole model cut in two: same weights,
+    global layer numbers, and stage 1 fed stage 0's output gives the whole model's loss."""
+    cfg = TransMambaConfig(**{**SMALL, "layer_pattern": "T-*-T-", "transpoint_schedule": "list",
+                              "transpoint_values": [0, 13]})
+    whole = TransMambaLanguageModel(cfg, 64, init_seed=5)
+    first = TransMambaLanguageModel(cfg, 64, layer_range=range(0, 2), post_process=False,
+                                    init_seed=5)
+    last = TransMambaLanguageModel(cfg, 64, layer_range=range(2, 6), pre_process=False,
+                                   init_seed=5)
+    assert [layer.layer_number for layer in last.layers] == [3, 4, 5, 6]
+    assert not hasattr(first, "output_layer") and not hasattr(last, "embedding")
+    whole_state = whole.state_dict()
+    for name, value in first.state_dict().items():
+        torch.testing.assert_close(value, whole_state[name], rtol=0, atol=0)
+    for name, value in last.state_dict().items():
+        if name.startswith("layers."):
+            index, rest = name.split(".", 2)[1:]
+            name = f"layers.{int(index) + 2}.{rest}"
+        torch.testing.assert_close(value, whole_state[name], rtol=0, atol=0)
+    tokens = torch.randint(0, 64, (2, 40))
+    labels = torch.roll(tokens, -1, 1)
+    last.set_input_tensor(first(tokens))
+    torch.testing.assert_close(last(tokens, labels=labels), whole(tokens, labels=labels))

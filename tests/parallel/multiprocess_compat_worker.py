@@ -17,6 +17,7 @@ SCENARIO OUT_DIR`` writes ``OUT_DIR/rank<r>.json``:
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -416,6 +417,13 @@ def main() -> None:
             initialize_distributed(tensor_model_parallel_size=3, timeout_minutes=TIMEOUT_MINUTES)
         except ValueError as error:
             out_file.write_text(json.dumps({"error": str(error)}))
+            # torchrun stops the other ranks when one exits: wait (briefly) until every rank
+            # has recorded its error, so a slow import on a busy machine is not cut short.
+            deadline = time.monotonic() + 60
+            world = int(os.environ["WORLD_SIZE"])
+            while time.monotonic() < deadline and not all(
+                    (out_dir / f"rank{r}.json").exists() for r in range(world)):
+                time.sleep(0.1)
             raise
         out_file.write_text(json.dumps({"error": None}))
     else:
