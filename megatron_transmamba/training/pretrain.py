@@ -434,13 +434,21 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
             models = state["model"] if isinstance(state["model"], list) else [state["model"]]
             for chunk, chunk_state in zip(chunks, models, strict=True):
                 chunk.load_state_dict(chunk_state)
-            load_optimizer_state(optimizer, state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            ckpt.set_rng_state(state["rng"])
-            step, consumed = state["step"], state["consumed_samples"]
+            if "optimizer" in state:
+                load_optimizer_state(optimizer, state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                ckpt.set_rng_state(state["rng"])
+                step, consumed = state["step"], state["consumed_samples"]
         if rank0:
-            print(f"resuming from step {step}" if state else
-                  f"no checkpoint in {cfg.checkpoint.save}: starting from scratch", flush=True)
+            if state is None:
+                print(f"no checkpoint in {cfg.checkpoint.save}: starting from scratch", flush=True)
+            elif "optimizer" not in state:
+                # e.g. imported from Hugging Face (tools/hf/convert.py import): continued
+                # pretraining from these weights with a fresh optimizer, schedule and data order
+                print(f"starting from the weights of a model-only checkpoint in "
+                      f"{cfg.checkpoint.save} (fresh optimizer, step 0)", flush=True)
+            else:
+                print(f"resuming from step {step}", flush=True)
 
     seq_length = model_config.seq_length
     train_ds, valid_ds, _ = build_pretraining_datasets(
