@@ -11,7 +11,6 @@ groups from ``initialize_distributed``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time

@@ -9,7 +9,6 @@ losses and gradient norms repeat the single-process run within 1e-5 (measured: i
 to float rounding, about 5e-7). Wrong layouts fail before any process group starts.
 """
 
-import json
 import sys
 from pathlib import Path
 
