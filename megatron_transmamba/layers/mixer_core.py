@@ -6,7 +6,7 @@ serves H/G value heads), the Memory Converter turns the prefix's K, V and dt int
 after token p-1, and the SSM continues from that state for tokens [p, T). The ``torch`` backend
 here is the executable specification: PyTorch SDPA for attention and the chunked SSD scan of
 ``transmamba_kernels.ssd.naive``; faster backends must match it. ``BACKENDS`` maps each
-``mixer_backend`` to its core and its gated grouped RMSNorm (``transmamba_kernels.norm``).
+``mixer_backend`` to its conv, core and gated grouped RMSNorm (``transmamba_kernels``).
 """
 
 from __future__ import annotations
@@ -44,6 +44,15 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float) -> 
     return out.transpose(1, 2).reshape(batch, p, heads, head_dim)
 
 
+def prefix_attention(x: Tensor, B: Tensor, C: Tensor, p: int, softmax_scale: float,
+                     rotary: Optional[RotaryFn]) -> Tensor:
+    """Attention segment: Q = C, K = B (rotated when RoPE is on), V = x over tokens [0, p)."""
+    q, k = C[:, :p], B[:, :p]
+    if rotary is not None:
+        q, k = rotary(q), rotary(k)
+    return grouped_attention(q, k, x[:, :p], softmax_scale)
+
+
 def transmamba_core_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
                           transpoint: int, chunk_size: int, softmax_scale: float,
                           rotary: Optional[RotaryFn] = None) -> Tensor:
@@ -64,10 +73,7 @@ def transmamba_core_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
     parts = []
     initial_state = None
     if p > 0:
-        q, k = C[:, :p], B[:, :p]
-        if rotary is not None:
-            q, k = rotary(q), rotary(k)
-        parts.append(grouped_attention(q, k, x[:, :p], softmax_scale))
+        parts.append(prefix_attention(x, B, C, p, softmax_scale, rotary))
         if p < seq_len:
             initial_state = memory_converter(B[:, :p], x[:, :p], dt[:, :p], A)
     if p < seq_len:
@@ -89,10 +95,7 @@ def transmamba_core_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tenso
     y = chunk_ssd_triton(x, dt, A, B, C, chunk_size, D=D, transpoint=p) if p < seq_len else None
     if p == 0:
         return y
-    q, k = C[:, :p], B[:, :p]
-    if rotary is not None:
-        q, k = rotary(q), rotary(k)
-    attention = grouped_attention(q, k, x[:, :p], softmax_scale)
+    attention = prefix_attention(x, B, C, p, softmax_scale, rotary)
     return attention if y is None else torch.cat([attention, y[:, p:]], dim=1)
 
 
@@ -106,10 +109,9 @@ def causal_conv1d_silu_triton(*args):
     return fused(*args)
 
 
-# backend -> (core, gated grouped RMSNorm); all share the signatures of the torch entries
+# backend -> (causal conv + SiLU, core, gated grouped RMSNorm); every entry has the signature
+# of its torch counterpart
 BACKENDS = {
-    "torch": (transmamba_core_torch, gated_rmsnorm_naive),
-    "triton": (transmamba_core_triton, gated_rmsnorm_triton),
+    "torch": (causal_conv1d_silu_naive, transmamba_core_torch, gated_rmsnorm_naive),
+    "triton": (causal_conv1d_silu_triton, transmamba_core_triton, gated_rmsnorm_triton),
 }
-# backend -> causal depthwise conv + SiLU over [B, T, C]
-CONV_BACKENDS = {"torch": causal_conv1d_silu_naive, "triton": causal_conv1d_silu_triton}

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from megatron_transmamba.config import TransMambaConfig
 from megatron_transmamba.layers.rotary import apply_rope
-from megatron_transmamba.layers.mixer_core import BACKENDS, CONV_BACKENDS
+from megatron_transmamba.layers.mixer_core import BACKENDS
 from megatron_transmamba.parallel.tensor_parallel import local_components, split_sharded_tensor
 
 IN_PROJ_COMPONENTS = ("z", "x", "B", "C", "dt")
@@ -68,8 +68,7 @@ class TransMambaMixer(MegatronModule):
         self.inner = self.heads * P                                   # local H*P
         self.conv_channels = self.inner + 2 * self.groups * N
         self.softmax_scale = 1.0 / math.sqrt(N)
-        self.core, self.gated_norm = BACKENDS[config.mixer_backend]
-        self.conv_silu = CONV_BACKENDS[config.mixer_backend]
+        self.conv_silu, self.core, self.gated_norm = BACKENDS[config.mixer_backend]
         # Full (TP = 1) sizes of the components of in_proj's rows and of the conv channels.
         self.in_proj_sections = (H * P, H * P, G * N, G * N, H)
         self.conv_sections = (H * P, G * N, G * N)
