@@ -69,6 +69,8 @@ class TransMambaMixer(MegatronModule):
         self.conv_channels = self.inner + 2 * self.groups * N
         self.softmax_scale = 1.0 / math.sqrt(N)
         self.conv_silu, self.core, self.gated_norm = BACKENDS[config.mixer_backend]
+        self.recompute_core = (config.recompute_granularity == "selective"
+                               and "core_attn" in config.recompute_modules)
         # Full (TP = 1) sizes of the components of in_proj's rows and of the conv channels.
         self.in_proj_sections = (H * P, H * P, G * N, G * N, H)
         self.conv_sections = (H * P, G * N, G * N)
@@ -146,11 +148,9 @@ class TransMambaMixer(MegatronModule):
                 sharded[key], [s // self.tp_size for s in self.conv_sections], CONV_COMPONENTS)
         return sharded
 
-    def forward(self, hidden_states: Tensor, rotary_pos_emb: Optional[Tensor] = None,
-                **unused) -> tuple[Tensor, None]:
-        """hidden_states: [S, B, d]; rotary_pos_emb: [S_max, 1, 1, N] (megatron RotaryEmbedding)."""
-        projected, _ = self.in_proj(hidden_states)                    # [S, B, local width]
-        projected = projected.transpose(0, 1)                         # [B, S, ...]
+    def _core_forward(self, projected: Tensor, rotary_pos_emb: Optional[Tensor]) -> Tensor:
+        """[B, S, local in_proj width] -> the gated-norm output [B, S, local H*P]: conv + SiLU,
+        attention / Memory Converter / SSM, gated RMSNorm (what selective recomputation redoes)."""
         seq_len = projected.shape[1]
         z, xBC, dt = torch.split(projected, [self.inner, self.conv_channels, self.heads], dim=-1)
         xBC = self.conv_silu(xBC, self.conv1d.weight, self.conv1d.bias)      # [B, S, channels]
@@ -172,6 +172,19 @@ class TransMambaMixer(MegatronModule):
                       self.config.ssd_chunk_size, self.softmax_scale, rotary)  # [B, S, H, P]
         y = self.gated_norm(y.reshape(batch, seq_len, self.inner), z, self.norm_weight,
                             self.groups, self.config.layernorm_epsilon, self.transpoint)
+        return y
+
+    def forward(self, hidden_states: Tensor, rotary_pos_emb: Optional[Tensor] = None,
+                **unused) -> tuple[Tensor, None]:
+        """hidden_states: [S, B, d]; rotary_pos_emb: [S_max, 1, 1, N] (megatron RotaryEmbedding)."""
+        projected, _ = self.in_proj(hidden_states)                    # [S, B, local width]
+        projected = projected.transpose(0, 1)                         # [B, S, ...]
+        if self.recompute_core and torch.is_grad_enabled():
+            # selective recomputation: keep in_proj's output, run the conv, the core and the
+            # gated norm again in backward (megatron's checkpoint keeps the TP RNG tracker)
+            y = tensor_parallel.checkpoint(self._core_forward, False, projected, rotary_pos_emb)
+        else:
+            y = self._core_forward(projected, rotary_pos_emb)
         out, _ = self.out_proj(y.transpose(0, 1))                     # [S, B, d]
         return out, None
 

@@ -19,6 +19,8 @@ import yaml
 from megatron_transmamba.config import yaml_fields
 from megatron_transmamba.data.config import DataConfig
 
+RECOMPUTE_CHOICES = ("none", "selective", "full")
+RECOMPUTE_MODULES = ("core_attn", "mlp")
 _MODEL_FIELDS_SET_ELSEWHERE = {"params_dtype", "bf16", "fp16", "num_layers",
                                "tensor_model_parallel_size", "pipeline_model_parallel_size",
                                "sequence_parallel", "context_parallel_size"}
@@ -56,11 +58,17 @@ class TrainingConfig:
     """Stop after this step (saving a checkpoint when checkpoint.save is set), e.g. to fit a job
     into a time slot; resuming continues the same schedule up to train_iters."""
     make_vocab_size_divisible_by: int = 64
-    recompute: str = "none"
-    """Activation recomputation: ``none``, or ``full`` (each layer keeps only its input and runs
-    its forward again in backward; needs zero dropout). Selective recomputation: TODO(#5)."""
     """The vocabulary is padded to a multiple of lcm(this, TP size): the same padded model at
     every TP size that divides it."""
+    recompute: str = "none"
+    """Activation recomputation: ``none``; ``selective`` (the modules of ``recompute_modules``
+    keep their inputs and run again in backward); ``full`` (each layer keeps only its input and
+    runs its forward again in backward; needs zero dropout)."""
+    recompute_modules: tuple = ("core_attn",)
+    """For ``recompute: selective``, megatron-core's module names: ``core_attn`` (the
+    TransMamba mixer between in_proj and out_proj: conv, attention / Memory Converter / SSM,
+    gated norm; and the softmax attention of ``*`` layers) and ``mlp`` (the MLP of ``-``
+    layers)."""
 
 
 @dataclass
@@ -221,8 +229,13 @@ def _validate(cfg: RunConfig) -> None:
                                             or t.global_batch_size % t.micro_batch_size):
         raise ValueError(f"training.global_batch_size={t.global_batch_size}: must be a positive "
                          f"multiple of training.micro_batch_size={t.micro_batch_size}")
-    if t.recompute not in ("none", "full"):
-        raise ValueError(f"training.recompute={t.recompute!r}: expected 'none' or 'full'")
+    if t.recompute not in RECOMPUTE_CHOICES:
+        raise ValueError(f"training.recompute={t.recompute!r}: expected one of "
+                         f"{', '.join(RECOMPUTE_CHOICES)}")
+    bad = [m for m in t.recompute_modules if m not in RECOMPUTE_MODULES]
+    if bad or not t.recompute_modules:
+        raise ValueError(f"training.recompute_modules={t.recompute_modules!r}: expected a "
+                         f"non-empty list of {', '.join(RECOMPUTE_MODULES)}")
     if t.precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"training.precision={t.precision!r}: expected 'auto', 'bf16' or 'fp32'")
     if t.lr_decay_style not in ("cosine", "linear", "constant"):

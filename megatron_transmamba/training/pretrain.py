@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Iterator, Optional
@@ -53,6 +54,9 @@ class TrainResult:
     layout: dict = field(default_factory=dict)           # what the run really used
     num_parameters: int = 0
     seconds: float = 0.0
+    flops_per_token: float = 0.0                          # model FLOPs of training (flops.py)
+    peak_tflops: Optional[float] = None                   # per GPU, for MFU
+    peak_memory_bytes: int = 0                            # max over ranks (CUDA allocator)
 
 
 def pad_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
@@ -86,12 +90,18 @@ def build_model_config(cfg: RunConfig, use_bf16: bool) -> TransMambaConfig:
             # batch_p2p_comm=True (the default) swaps activations and gradients on gloo when
             # the previous and next stage are the same rank (docs/parallelism.md).
             pipeline.update(overlap_p2p_comm=True, batch_p2p_comm=False)
-    return TransMambaConfig(
-        **model,
-        tensor_model_parallel_size=p.tensor_model_parallel_size,
-        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        sequence_parallel=p.sequence_parallel,
-        bf16=use_bf16, params_dtype=dtype, use_cpu_initialization=True, **pipeline)
+    recompute = {}
+    if cfg.training.recompute == "selective":
+        recompute = dict(recompute_granularity="selective",
+                         recompute_modules=list(cfg.training.recompute_modules))
+    with warnings.catch_warnings():         # megatron-core's note on Transformer Engine's core_attn
+        warnings.filterwarnings("ignore", message=".*core_attn.*")
+        return TransMambaConfig(
+            **model, **recompute,
+            tensor_model_parallel_size=p.tensor_model_parallel_size,
+            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+            sequence_parallel=p.sequence_parallel,
+            bf16=use_bf16, params_dtype=dtype, use_cpu_initialization=True, **pipeline)
 
 
 def pipeline_stages(cfg: RunConfig, model_config: TransMambaConfig) -> list[range]:
@@ -488,6 +498,8 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
         "optimizer": [type(o).__name__ for o in getattr(optimizer, "chained_optimizers", [optimizer])],
         "overlap_grad_reduce": ddp_models[0].ddp_config.overlap_grad_reduce,
         "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
+        "recompute": (f"selective ({', '.join(t.recompute_modules)})"
+                      if t.recompute == "selective" else t.recompute),
         "stage_layers": [[r.start, r.stop] for r in stages],
         "rank_layers": [list(c.layer_range) for c in chunks],
         "layer_numbers": [[layer.layer_number for layer in c.layers] for c in chunks]})
@@ -558,6 +570,12 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
         if stopping:
             log.line(f"step {step:>6} | stopping (training.exit_at_step)")
             break
+    result.flops_per_token, result.peak_tflops = flops_per_token, peak
+    if device.type == "cuda":
+        peak_memory = torch.tensor(torch.cuda.max_memory_allocated(device), device=device)
+        torch.distributed.all_reduce(peak_memory, op=torch.distributed.ReduceOp.MAX)
+        result.peak_memory_bytes = int(peak_memory.item())
+        log.line(f"peak memory per GPU (max over ranks): {format_bytes(result.peak_memory_bytes)}")
     log.close()
     result.seconds = time.time() - start_time
     return result

@@ -118,6 +118,57 @@ def test_full_recompute_gives_the_same_loss_and_gradients_and_reruns_each_layer(
         torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=1e-6, msg=name)
 
 
+def _saved_activation_bytes(model, tokens) -> tuple[int, torch.Tensor, dict]:
+    """Bytes autograd keeps for backward during one forward (parameters excluded), the loss
+    and the gradients after backward."""
+    params = {p.data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens, labels=torch.roll(tokens, -1, 1)).mean()
+    loss.backward()
+    return sum(saved), loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("modules", [["core_attn"], ["core_attn", "mlp"]])
+def test_selective_recompute_is_exact_reruns_the_mixer_core_and_saves_less(modules):
+    """Selective recomputation (megatron's recompute_granularity='selective'): the mixer core
+    of T / M layers and the softmax attention of * layers run again in backward; ``mlp`` adds
+    the MLP of - layers. Losses and gradients are bitwise those of the plain model."""
+    kw = dict(transpoint_schedule="list", transpoint_values=[13, 40])
+    plain = build("T-*-T-M-", **kw)
+    selective = build("T-*-T-M-", recompute_granularity="selective", recompute_modules=modules,
+                      **kw)
+    selective.load_state_dict(plain.state_dict())
+    assert [layer.mixer.recompute_core for layer in selective.layers[::2] if hasattr(layer, "mixer")
+            ] == [True] * 3
+    calls = []
+    selective.layers[0].mixer.core = _counting(selective.layers[0].mixer.core, calls)
+    tokens = torch.randint(0, 64, (2, 40))
+    plain_bytes, plain_loss, plain_grads = _saved_activation_bytes(plain, tokens)
+    selective_bytes, selective_loss, selective_grads = _saved_activation_bytes(selective, tokens)
+    assert len(calls) == 2                       # forward, and again during backward
+    assert torch.equal(selective_loss, plain_loss)
+    for name, grad in plain_grads.items():      # None: SSM parameters of the p = T layer
+        assert (grad is None and selective_grads[name] is None) or \
+            torch.equal(selective_grads[name], grad), name
+    # measured: 0.59 of the plain model's bytes with core_attn, 0.38 with core_attn and mlp
+    assert selective_bytes < (0.65 if modules == ["core_attn"] else 0.45) * plain_bytes, \
+        (selective_bytes, plain_bytes)
+
+
+def _counting(fn, calls: list):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+    return counted
+
+
 def test_pipeline_stages_keep_global_layer_numbers_and_chain_to_the_whole_model():
     """Two stages built from the same init_seed are the whole model cut in two: same weights,
     global layer numbers, and stage 1 fed stage 0's output gives the whole model's loss."""

@@ -15,13 +15,13 @@ TRAIN_ITERS = 5
 
 
 def run_config(out_dir: Path, save: str = None, resume: bool = False, exit_at_step=None,
-               model: dict = None, **parallel):
+               model: dict = None, training: dict = None, **parallel):
     return build_run_config({
         "model": {**MODEL, **(model or {})},
         "data": {"cache_dir": str(Path(out_dir) / "data_cache")},
         "training": {"micro_batch_size": 2, "global_batch_size": 8, "train_iters": TRAIN_ITERS,
                      "lr": 3e-3, "min_lr": 3e-4, "lr_warmup_iters": 1, "eval_interval": 0,
-                     "log_interval": 100, "exit_at_step": exit_at_step},
+                     "log_interval": 100, "exit_at_step": exit_at_step, **(training or {})},
         "checkpoint": {"save": save, "save_interval": 1000, "resume": resume},
         "parallel": parallel,
         "logging": {"progress_bar": False},

@@ -5,7 +5,8 @@ launched by torchrun; writes ``rank<r>.json`` with the losses of each run.
 
 Scenarios: ``dp2`` (N = 2): DP = 2 with the distributed optimizer and overlapped gradient
 reduction, DP = 2 with neither, and the distributed-optimizer run stopped at step 3 and
-resumed; ``world4`` (N = 4): TP = 2 x DP = 2 and TP = 2 x PP = 2; ``nodes`` (two agents of N = 1 each, --nnodes=2): DP = 2 across the two "nodes".
+resumed; ``world4`` (N = 4): TP = 2 x DP = 2, TP = 2 x PP = 2 and PP = 2 x DP = 2 (with
+selective recomputation of the mixer core, the attention core and the MLP); ``nodes`` (two agents of N = 1 each, --nnodes=2): DP = 2 across the two "nodes".
 Every run uses the global batch of ``run_config`` (gradient accumulation at DP = 2).
 """
 
@@ -39,7 +40,10 @@ def scenario_world4(out_dir: Path) -> dict:
     from megatron_transmamba.training.pretrain import pretrain
     runs = {"tp2_dp2": pretrain(run_config(out_dir, tensor_model_parallel_size=2)),
             "tp2_pp2": pretrain(run_config(out_dir, tensor_model_parallel_size=2,
-                                           pipeline_model_parallel_size=2))}
+                                           pipeline_model_parallel_size=2)),
+            "pp2_dp2": pretrain(run_config(
+                out_dir, pipeline_model_parallel_size=2, use_distributed_optimizer=True,
+                training={"recompute": "selective", "recompute_modules": ["core_attn", "mlp"]}))}
     return {name: {"losses": {str(k): v for k, v in r.train_losses.items()}, "layout": r.layout}
             for name, r in runs.items()}
 

@@ -64,7 +64,8 @@ def losses(run: dict) -> list:
 DP2_LAYOUT = {"world_size": 2, "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
               "data_parallel_size": 2, "num_microbatches": 2,
               "optimizer": ["DistributedOptimizer"], "overlap_grad_reduce": True,
-              "virtual_pipeline_model_parallel_size": None, "stage_layers": [[0, 10]],
+              "virtual_pipeline_model_parallel_size": None, "recompute": "none",
+              "stage_layers": [[0, 10]],
               "rank_layers": [list(range(10))], "layer_numbers": [list(range(1, 11))]}
 
 
@@ -85,11 +86,12 @@ def test_dp2_matches_single_process_and_resumes_exactly(reference, tmp_path):
             assert loss == full[step], f"rank {rank} step {step}: resume is not exact"
 
 
-def test_tp2_x_dp2_and_tp2_x_pp2_match_single_process(reference, tmp_path):
+def test_tp2_x_dp2_tp2_x_pp2_and_pp2_x_dp2_match_single_process(reference, tmp_path):
     result = torchrun([WORKER, "world4", tmp_path], 4)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     assert "layout TP=2 x PP=1 x DP=2 = 4 ranks" in result.stdout
     assert "layout TP=2 x PP=2 x DP=1 = 4 ranks" in result.stdout
+    assert "layout TP=1 x PP=2 x DP=2 = 4 ranks" in result.stdout
     for rank, runs in enumerate(read_ranks(tmp_path, 4)):
         assert runs["tp2_dp2"]["layout"] == {**DP2_LAYOUT, "world_size": 4,
                                              "tensor_model_parallel_size": 2}
@@ -99,6 +101,12 @@ def test_tp2_x_dp2_and_tp2_x_pp2_match_single_process(reference, tmp_path):
                 layout["data_parallel_size"], layout["num_microbatches"]) == (2, 2, 1, 4)
         assert layout["rank_layers"] == [[0, 1, 2, 3, 4] if rank < 2 else [5, 6, 7, 8, 9]]
         assert losses(runs["tp2_pp2"]["losses"]) == pytest.approx(reference, abs=LOSS_TOL)
+        layout = runs["pp2_dp2"]["layout"]       # with selective recomputation
+        assert (layout["tensor_model_parallel_size"], layout["pipeline_model_parallel_size"],
+                layout["data_parallel_size"], layout["num_microbatches"]) == (1, 2, 2, 2)
+        assert layout["rank_layers"] == [[0, 1, 2, 3, 4] if rank < 2 else [5, 6, 7, 8, 9]]
+        assert layout["recompute"] == "selective (core_attn, mlp)"
+        assert losses(runs["pp2_dp2"]["losses"]) == pytest.approx(reference, abs=LOSS_TOL)
 
 
 def test_two_nodes_match_single_process(reference, tmp_path):
