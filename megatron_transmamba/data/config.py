@@ -37,6 +37,14 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes per rank (0 loads in the training process)."""
 
+    reset_at_eod: bool = False
+    """Treat the documents packed into a sample as separate sequences: each sample is split
+    after every EOD token, positions restart there (megatron's ``reset_position_ids``) and each
+    micro-batch carries ``cu_seqlens``, so attention, conv and SSM state stay inside each
+    document and every document gets its own TransPoints (megatron's ``reset_attention_mask``,
+    done without a mask). The EOD token's prediction of the next document's first token is
+    still a loss target. False: documents run into each other, as in plain GPT pretraining."""
+
     def validate(self) -> None:
         """Raise ValueError naming ``data.<field>`` for the first bad value (no file access)."""
         self._validate_data_path()
@@ -46,6 +54,8 @@ class DataConfig:
             raise ValueError(f"data.cache_dir={self.cache_dir!r}: must be a non-empty path")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"data.num_workers={self.num_workers!r}: must be an int >= 0")
+        if not isinstance(self.reset_at_eod, bool):
+            raise ValueError(f"data.reset_at_eod={self.reset_at_eod!r}: must be true or false")
 
     def blend(self) -> tuple[list[str], list[float] | None] | None:
         """``data_path`` as megatron's blend: (prefixes, weights or None); None for the

@@ -7,6 +7,10 @@ those samples in order with a Megatron-style batch sampler: global micro-batch `
 samples ``[g * M * D, (g + 1) * M * D)`` (M micro-batch size, D data-parallel size) and DP rank
 ``r`` takes the slice ``[r * M, (r + 1) * M)`` of it, so resuming from a consumed-sample count
 reproduces exactly the batches an uninterrupted run would have seen.
+
+With ``data.reset_at_eod`` each sample is split after every EOD token: GPTDataset restarts
+``position_ids`` there (megatron's ``reset_position_ids``) and the loader's collate adds
+``cu_seqlens``, the document offsets of the micro-batch (the model's packed-documents input).
 """
 
 from __future__ import annotations
@@ -72,7 +76,8 @@ def build_pretraining_datasets(
         tokenizer: the tokenizer of the data (``eod``, ``pad``, ``vocab_size``,
             ``unique_identifiers``), e.g. from ``build_tokenizer(cfg.tokenizer, ...)``.
         seq_length: tokens per sample T; each sample is ``{"tokens", "labels",
-            "position_ids"}`` int64 [T] and ``"loss_mask"`` float32 [T].
+            "position_ids"}`` int64 [T] and ``"loss_mask"`` float32 [T]; with
+            ``cfg.reset_at_eod`` the positions restart after every EOD token.
         num_samples: samples to draw per split; datasets repeat over epochs to reach them.
         seed: the shuffle seed (from the training config).
         is_built_on_rank: under torch.distributed, whether this rank builds the datasets
@@ -107,9 +112,10 @@ def build_pretraining_datasets(
         path_to_cache=os.path.join(cfg.cache_dir, "gpt_indices"),
         mmap_bin_files=True,
         tokenizer=tokenizer,
-        # Attention runs across document boundaries (no per-document masks), so positions and
-        # the loss run across them too; the EOD token is a prediction target like any other.
-        reset_position_ids=False,
+        # Without reset_at_eod attention runs across document boundaries, and so do positions.
+        # With it the model keeps documents apart from cu_seqlens (collate_documents), so no
+        # S x S mask is built. Either way the EOD token is a prediction target like any other.
+        reset_position_ids=cfg.reset_at_eod,
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,
@@ -210,7 +216,8 @@ def build_data_loader(
 
     Each batch: ``"tokens"``, ``"labels"``, ``"position_ids"`` int64 [B, T] and
     ``"loss_mask"`` float32 [B, T], B = ``micro_batch_size``; a weighted blend adds
-    ``"dataset_id"`` int16 [B], the blend entry each sample came from.
+    ``"dataset_id"`` int16 [B], the blend entry each sample came from. A dataset built with
+    ``data.reset_at_eod`` adds ``"cu_seqlens"`` (``collate_documents``).
     """
     if dataset is None:
         return None
@@ -225,6 +232,23 @@ def build_data_loader(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
+        collate_fn=collate_documents if _resets_at_eod(dataset) else None,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
     )
+
+
+def _resets_at_eod(dataset) -> bool:
+    """Whether ``dataset`` (GPTDataset or BlendedDataset) was built with ``data.reset_at_eod``."""
+    return bool(getattr(getattr(dataset, "config", None), "reset_position_ids", False))
+
+
+def collate_documents(samples: list[dict]) -> dict:
+    """The default collate plus ``"cu_seqlens"`` int32 [num_docs + 1]: the offsets of the
+    documents in the row-major flattened B*T tokens. A document starts where its position is 0:
+    at every row start and after every EOD token (GPTDataset's ``reset_position_ids``)."""
+    batch = torch.utils.data.default_collate(samples)
+    positions = batch["position_ids"].reshape(-1)
+    starts = torch.nonzero(positions == 0).flatten()
+    batch["cu_seqlens"] = torch.cat([starts, starts.new_tensor([positions.numel()])]).to(torch.int32)
+    return batch

@@ -4,7 +4,8 @@ megatron-core's local ``DotProductAttention`` materialises the T x T score matri
 make the Transformer baseline unfairly slow and memory-hungry; this module has the same
 constructor and forward signature and calls ``F.scaled_dot_product_attention`` (flash / cuDNN /
 memory-efficient kernels on GPU). Transformer Engine's attention replaces it when installed
-(``models/specs.py``).
+(``models/specs.py``). With packed documents (``PackedDocuments`` as ``packed_seq_params``) it is
+causal inside each document (``document_attention``: a few padded SDPA calls, exact).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
+
+from megatron_transmamba.layers.packed_documents import PackedDocuments, document_attention
 
 
 class SDPAttention(MegatronModule):
@@ -38,12 +41,25 @@ class SDPAttention(MegatronModule):
                 attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
                 packed_seq_params=None) -> Tensor:
         """query [S, B, h, d], key/value [S, B, g, d] with h % g == 0 -> [S, B, h*d]."""
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("SDPAttention: packed sequences and attention bias need "
-                                      "Transformer Engine attention")
+        if attention_bias is not None or (packed_seq_params is not None
+                                          and not isinstance(packed_seq_params, PackedDocuments)):
+            raise NotImplementedError("SDPAttention: attention bias and THD packed sequences "
+                                      "need Transformer Engine attention")
         seq_len, batch, heads, dim = query.shape
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))     # [B, heads, S, d]
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.softmax_scale,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=k.shape[1] != heads)
-        return out.permute(2, 0, 1, 3).reshape(seq_len, batch, heads * dim)
+        dropout = self.dropout if self.training else 0.0
+        if packed_seq_params is None:
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [B, heads, S, d]
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=self.softmax_scale, dropout_p=dropout,
+                enable_gqa=k.shape[1] != heads)
+            return out.permute(2, 0, 1, 3).reshape(seq_len, batch, heads * dim)
+
+        def attend(q, k, v):                                # [documents, length, heads, d]
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                scale=self.softmax_scale, dropout_p=dropout, enable_gqa=k.shape[2] != heads)
+            return out.transpose(1, 2)
+
+        out = document_attention(*(t.transpose(0, 1) for t in (query, key, value)),
+                                 packed_seq_params, attend)                 # [B, S, h, d]
+        return out.transpose(0, 1).reshape(seq_len, batch, heads * dim)

@@ -7,6 +7,12 @@ after token p-1, and the SSM continues from that state for tokens [p, T). The ``
 here is the executable specification: PyTorch SDPA for attention and the chunked SSD scan of
 ``transmamba_kernels.ssd.naive``; faster backends must match it. ``BACKENDS`` maps each
 ``mixer_backend`` to its conv, core and gated grouped RMSNorm (``transmamba_kernels``).
+
+Packed documents (``PackedDocuments``): each document gets its own TransPoint min(p, length),
+attention on its first tokens, the converter's state from those and the SSM for the rest, with
+nothing crossing a document boundary. The torch backend runs the unpacked path once per
+document (the reference); the triton backend runs the Triton SSD with ``seq_idx`` and a
+per-document TransPoint, and the prefix attention as ``document_attention``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_transmamba.layers.memory_converter import memory_converter
+from megatron_transmamba.layers.packed_documents import PackedDocuments, document_attention
 from transmamba_kernels.conv.naive import causal_conv1d_silu_naive
 from transmamba_kernels.norm.naive import gated_rmsnorm_naive
 from transmamba_kernels.ssd.naive import chunk_ssd_naive
@@ -55,7 +62,8 @@ def prefix_attention(x: Tensor, B: Tensor, C: Tensor, p: int, softmax_scale: flo
 
 def transmamba_core_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
                           transpoint: int, chunk_size: int, softmax_scale: float,
-                          rotary: Optional[RotaryFn] = None) -> Tensor:
+                          rotary: Optional[RotaryFn] = None,
+                          documents: Optional[PackedDocuments] = None) -> Tensor:
     """Mixer core output before the gated norm.
 
     Args:
@@ -63,11 +71,15 @@ def transmamba_core_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
         B: [B, T, G, N] (= K); C: [B, T, G, N] (= Q); D: [H] skip.
         transpoint: p in [0, T] (larger values are clamped to T).
         rotary: applies RoPE to a [B, p, G, N] tensor at positions 0..p-1 (attention only).
+        documents: packed documents of the [B, T] rows; each runs alone, from position 0.
 
     Returns:
         y: [B, T, H, P] in x's dtype: attention output for t < p, SSM output (with the D skip,
-        without the z gate) for t >= p.
+        without the z gate) for t >= p (t and p counted inside each document).
     """
+    if documents is not None:
+        return _per_document(documents, lambda *parts: transmamba_core_torch(
+            *parts[:5], D, transpoint, chunk_size, softmax_scale, rotary), x, dt, A, B, C)
     seq_len = x.shape[1]
     p = max(0, min(int(transpoint), seq_len))
     parts = []
@@ -85,11 +97,15 @@ def transmamba_core_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 def transmamba_core_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
                            transpoint: int, chunk_size: int, softmax_scale: float,
-                           rotary: Optional[RotaryFn] = None) -> Tensor:
+                           rotary: Optional[RotaryFn] = None,
+                           documents: Optional[PackedDocuments] = None) -> Tensor:
     """Same as ``transmamba_core_torch``; the SSM runs in the Triton SSD over the whole sequence
     with outputs only from p on, so the Memory Converter is fused into its state passing."""
     from transmamba_kernels.ssd.chunk import chunk_ssd_triton
 
+    if documents is not None:
+        return _core_triton_packed(x, dt, A, B, C, D, transpoint, chunk_size, softmax_scale,
+                                   rotary, documents)
     seq_len = x.shape[1]
     p = max(0, min(int(transpoint), seq_len))
     y = chunk_ssd_triton(x, dt, A, B, C, chunk_size, D=D, transpoint=p) if p < seq_len else None
@@ -99,19 +115,74 @@ def transmamba_core_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tenso
     return attention if y is None else torch.cat([attention, y[:, p:]], dim=1)
 
 
-def gated_rmsnorm_triton(*args):
+def _core_triton_packed(x, dt, A, B, C, D, transpoint, chunk_size, softmax_scale, rotary,
+                        documents: PackedDocuments) -> Tensor:
+    """Packed documents: one SSD call with ``seq_idx`` (state reset and TransPoint per
+    document), one ``document_attention`` over every document's first p tokens, spliced by
+    each token's position in its document."""
+    from transmamba_kernels.ssd.chunk import chunk_ssd_triton
+
+    p = max(0, int(transpoint))
+    y = None
+    if documents.max_length > p:
+        y = chunk_ssd_triton(x, dt, A, B, C, chunk_size, D=D, seq_idx=documents.seq_idx,
+                             transpoint=p)
+    if p == 0:
+        return y
+
+    def attend(q, k, v):
+        if rotary is not None:
+            q, k = rotary(q), rotary(k)
+        return grouped_attention(q, k, v, softmax_scale)
+
+    attention = document_attention(C, B, x, documents, attend, limit=p)
+    if y is None:
+        return attention
+    in_prefix = (documents.position_ids < p)[:, :, None, None]
+    return torch.where(in_prefix, attention, y)
+
+
+def _per_document(documents: PackedDocuments, fn, *tensors: Tensor) -> Tensor:
+    """Run ``fn`` on each document alone ([1, length, ...] slices of the [B, T, ...] tensors;
+    tensors with fewer than two dims are passed whole) and put the outputs back in place."""
+    rows = [[] for _ in range(documents.batch)]
+    for row, start, end in documents.spans:
+        parts = [t[row:row + 1, start:end] if t.dim() >= 2 else t for t in tensors]
+        rows[row].append(fn(*parts))
+    return torch.cat([torch.cat(parts, dim=1) for parts in rows], dim=0)
+
+
+def gated_rmsnorm_torch(y: Tensor, z: Tensor, weight: Tensor, groups: int, eps: float,
+                        transpoint: int, documents: Optional[PackedDocuments] = None) -> Tensor:
+    """``gated_rmsnorm_naive``; with documents, each one alone (gate from its own p on)."""
+    if documents is None:
+        return gated_rmsnorm_naive(y, z, weight, groups, eps, transpoint)
+    return _per_document(documents, lambda y_d, z_d: gated_rmsnorm_naive(
+        y_d, z_d, weight, groups, eps, transpoint), y, z)
+
+
+def gated_rmsnorm_triton(y: Tensor, z: Tensor, weight: Tensor, groups: int, eps: float,
+                         transpoint: int, documents: Optional[PackedDocuments] = None) -> Tensor:
     from transmamba_kernels.norm.gated_rmsnorm import gated_rmsnorm_triton as fused
-    return fused(*args)
+
+    if documents is None:
+        return fused(y, z, weight, groups, eps, transpoint)
+    # TODO(#3): a per-token gate in the fused norm would save this pass. The gate is applied
+    # here (float32 math, as in the kernel) and the kernel normalises without it.
+    gate = (documents.position_ids >= transpoint)[:, :, None]
+    gated = torch.where(gate, y.float() * F.silu(z.float()), y.float()).to(y.dtype)
+    return fused(gated, z, weight, groups, eps, y.shape[1])
 
 
-def causal_conv1d_silu_triton(*args):
+def causal_conv1d_silu_triton(x: Tensor, weight: Tensor, bias: Tensor,
+                              seq_idx: Optional[Tensor] = None) -> Tensor:
     from transmamba_kernels.conv.causal_conv import causal_conv1d_silu_triton as fused
-    return fused(*args)
+    return fused(x, weight, bias, seq_idx)
 
 
 # backend -> (causal conv + SiLU, core, gated grouped RMSNorm); every entry has the signature
 # of its torch counterpart
 BACKENDS = {
-    "torch": (causal_conv1d_silu_naive, transmamba_core_torch, gated_rmsnorm_naive),
+    "torch": (causal_conv1d_silu_naive, transmamba_core_torch, gated_rmsnorm_torch),
     "triton": (causal_conv1d_silu_triton, transmamba_core_triton, gated_rmsnorm_triton),
 }

@@ -27,6 +27,7 @@ class TransMambaLayer(MegatronModule):
         self.mixer = TransMambaMixer(config, self.transpoint, layer_number, tp_group=self.tp_group)
 
     def forward(self, hidden_states: Tensor, attention_mask=None, rotary_pos_emb=None,
-                **unused) -> tuple[Tensor, None]:
-        out, _ = self.mixer(self.norm(hidden_states), rotary_pos_emb=rotary_pos_emb)
+                packed_seq_params=None, **unused) -> tuple[Tensor, None]:
+        out, _ = self.mixer(self.norm(hidden_states), rotary_pos_emb=rotary_pos_emb,
+                            packed_seq_params=packed_seq_params)
         return hidden_states + out, None

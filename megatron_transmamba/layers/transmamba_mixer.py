@@ -32,6 +32,7 @@ from torch import Tensor
 from megatron_transmamba.config import TransMambaConfig
 from megatron_transmamba.layers.rotary import apply_rope
 from megatron_transmamba.layers.mixer_core import BACKENDS
+from megatron_transmamba.layers.packed_documents import PackedDocuments
 from megatron_transmamba.parallel.tensor_parallel import local_components, split_sharded_tensor
 
 IN_PROJ_COMPONENTS = ("z", "x", "B", "C", "dt")
@@ -148,43 +149,54 @@ class TransMambaMixer(MegatronModule):
                 sharded[key], [s // self.tp_size for s in self.conv_sections], CONV_COMPONENTS)
         return sharded
 
-    def _core_forward(self, projected: Tensor, rotary_pos_emb: Optional[Tensor]) -> Tensor:
+    def _core_forward(self, projected: Tensor, rotary_pos_emb: Optional[Tensor],
+                      documents: Optional[PackedDocuments] = None) -> Tensor:
         """[B, S, local in_proj width] -> the gated-norm output [B, S, local H*P]: conv + SiLU,
-        attention / Memory Converter / SSM, gated RMSNorm (what selective recomputation redoes)."""
+        attention / Memory Converter / SSM, gated RMSNorm (what selective recomputation redoes).
+        With ``documents`` none of them crosses a document boundary."""
         seq_len = projected.shape[1]
         z, xBC, dt = torch.split(projected, [self.inner, self.conv_channels, self.heads], dim=-1)
-        xBC = self.conv_silu(xBC, self.conv1d.weight, self.conv1d.bias)      # [B, S, channels]
+        seq_idx = documents.seq_idx if documents is not None else None
+        xBC = self.conv_silu(xBC, self.conv1d.weight, self.conv1d.bias, seq_idx)  # [B, S, channels]
         x, B, C = torch.split(xBC, [self.inner, self.groups * self.state_dim,
                                     self.groups * self.state_dim], dim=-1)
         batch = x.shape[0]
         x = x.reshape(batch, seq_len, self.heads, self.head_dim)
         B = B.reshape(batch, seq_len, self.groups, self.state_dim)
         C = C.reshape(batch, seq_len, self.groups, self.state_dim)
-        dt = F.softplus(dt.float() + self.dt_bias).clamp(*self.config.dt_limit)
-        if x.dtype == torch.float64:
-            dt = dt.double()
+        # float32 (float64 for a float64 model, so that it is an exact reference)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc)).clamp(*self.config.dt_limit)
         A = -torch.exp(self.A_log.to(dt.dtype))
 
         rotary = None
         if rotary_pos_emb is not None and self.config.mixer_position_embedding == "rope":
             rotary = partial(apply_rope, table=rotary_pos_emb)
         y = self.core(x, dt, A, B, C, self.D.to(dt.dtype), self.transpoint,
-                      self.config.ssd_chunk_size, self.softmax_scale, rotary)  # [B, S, H, P]
+                      self.config.ssd_chunk_size, self.softmax_scale, rotary,
+                      documents)                                       # [B, S, H, P]
         y = self.gated_norm(y.reshape(batch, seq_len, self.inner), z, self.norm_weight,
-                            self.groups, self.config.layernorm_epsilon, self.transpoint)
+                            self.groups, self.config.layernorm_epsilon, self.transpoint,
+                            documents)
         return y
 
     def forward(self, hidden_states: Tensor, rotary_pos_emb: Optional[Tensor] = None,
+                packed_seq_params: Optional[PackedDocuments] = None,
                 **unused) -> tuple[Tensor, None]:
-        """hidden_states: [S, B, d]; rotary_pos_emb: [S_max, 1, 1, N] (megatron RotaryEmbedding)."""
+        """hidden_states: [S, B, d]; rotary_pos_emb: [S_max, 1, 1, N] (megatron RotaryEmbedding);
+        packed_seq_params: the documents of the [B, S] micro-batch (whole S: under sequence
+        parallelism in_proj has gathered the sequence before the core sees it)."""
         projected, _ = self.in_proj(hidden_states)                    # [S, B, local width]
         projected = projected.transpose(0, 1)                         # [B, S, ...]
+        core_forward = self._core_forward
+        if packed_seq_params is not None:   # megatron's checkpoint saves only tensor arguments
+            core_forward = partial(self._core_forward, documents=packed_seq_params)
         if self.recompute_core and torch.is_grad_enabled():
             # selective recomputation: keep in_proj's output, run the conv, the core and the
             # gated norm again in backward (megatron's checkpoint keeps the TP RNG tracker)
-            y = tensor_parallel.checkpoint(self._core_forward, False, projected, rotary_pos_emb)
+            y = tensor_parallel.checkpoint(core_forward, False, projected, rotary_pos_emb)
         else:
-            y = self._core_forward(projected, rotary_pos_emb)
+            y = core_forward(projected, rotary_pos_emb)
         out, _ = self.out_proj(y.transpose(0, 1))                     # [S, B, d]
         return out, None
 

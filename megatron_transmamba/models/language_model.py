@@ -10,6 +10,10 @@ Tensor / sequence parallelism (docs/parallelism.md): the model receives its proc
 parallelism the embedding scatters [S/tp, B, d] along the sequence, the norms and residuals
 stay sharded, the parallel linears gather before and reduce-scatter after each mixer,
 attention and MLP, and the LM head gathers the sequence back: logits are [S, B, V/tp].
+
+Packed documents (``cu_seqlens``, docs/model.md): the [B, S] layout stays; every layer gets
+the same ``PackedDocuments`` and keeps attention, conv and SSM state inside each document,
+and RoPE positions restart at each document start.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from torch import Tensor, nn
 
 from megatron_transmamba.config import TransMambaConfig
 from megatron_transmamba.layers.norm import RMSNorm
+from megatron_transmamba.layers.packed_documents import PackedDocuments
 from megatron_transmamba.layers.rotary import rope_table
 from megatron_transmamba.models.specs import layer_specs
 from megatron_transmamba.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -61,6 +66,7 @@ class TransMambaLanguageModel(MegatronModule):
         RNG but not megatron's tensor-parallel RNG tracker, so it refuses dropout."""
         super().__init__(config)
         self.config = config
+        self.use_transformer_engine = use_transformer_engine
         self.model_type = ModelType.encoder_or_decoder   # read by megatron-core's schedules
         self.vocab_size = vocab_size
         self.pre_process, self.post_process = pre_process, post_process
@@ -125,10 +131,22 @@ class TransMambaLanguageModel(MegatronModule):
         self.input_tensor = input_tensor
 
     def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
-                labels: Optional[Tensor] = None) -> Tensor:
+                labels: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None) -> Tensor:
         """input_ids, labels: [B, S]. Returns loss [B, S] with labels, else logits [B, S, V/tp];
-        a stage without the LM head returns its hidden states [S, B, d] (S/tp under SP)."""
+        a stage without the LM head returns its hidden states [S, B, d] (S/tp under SP).
+
+        ``cu_seqlens``: packed documents, [num_docs + 1] integer offsets of the documents in
+        the row-major flattened B*S tokens (megatron's ``PackedSeqParams.cu_seqlens_q`` of the
+        micro-batch seen as one packed row), every row start r*S among them. Each document
+        then runs as if it were alone in its row: the same on every TP rank and every
+        pipeline stage (each stage passes the same ``cu_seqlens``)."""
         seq_len = input_ids.shape[1]
+        documents = None
+        if cu_seqlens is not None:
+            if self.use_transformer_engine and "*" in self.config.layer_pattern:
+                raise NotImplementedError("packed documents (cu_seqlens) need the SDPA "
+                                          "attention of '*' layers, not Transformer Engine's")
+            documents = PackedDocuments.from_cu_seqlens(cu_seqlens, input_ids.shape[0], seq_len)
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
         if self.pre_process:
@@ -139,15 +157,17 @@ class TransMambaLanguageModel(MegatronModule):
         attention_rope = mixer_rope = None
         if self.attention_rope_dim:
             attention_rope = rope_table(seq_len, self.attention_rope_dim, self.config.rope_theta, input_ids.device)
+            if documents is not None:   # [S, B, 1, dim]: positions inside each document
+                attention_rope = documents.rotary_table(attention_rope)
         if self.mixer_rope_dim:
             mixer_rope = rope_table(seq_len, self.mixer_rope_dim, self.config.rope_theta, input_ids.device)
         for index, layer in zip(self.layer_range, self.layers):
             rope = mixer_rope if self.config.layer_pattern[index] in "TM" else attention_rope
             if self.recompute and torch.is_grad_enabled():
                 hidden = torch.utils.checkpoint.checkpoint(
-                    _run_layer, layer, hidden, rope, use_reentrant=False)
+                    _run_layer, layer, hidden, rope, documents, use_reentrant=False)
             else:
-                hidden = _run_layer(layer, hidden, rope)
+                hidden = _run_layer(layer, hidden, rope, documents)
         if not self.post_process:
             return hidden
         hidden = self.final_norm(hidden)                            # [S/tp, B, d] under SP
@@ -180,8 +200,11 @@ class TransMambaLanguageModel(MegatronModule):
         return sharded
 
 
-def _run_layer(layer, hidden: Tensor, rope) -> Tensor:
-    return layer(hidden, attention_mask=None, rotary_pos_emb=rope)[0]
+def _run_layer(layer, hidden: Tensor, rope, documents: Optional[PackedDocuments] = None) -> Tensor:
+    # mixers start RoPE at each document themselves; megatron's layers pass packed_seq_params
+    # to their attention
+    return layer(hidden, attention_mask=None, rotary_pos_emb=rope,
+                 packed_seq_params=documents)[0]
 
 
 def _check_tensor_parallel_group(config: TransMambaConfig, vocab_size: int, tp_size: int) -> None:

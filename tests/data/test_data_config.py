@@ -16,6 +16,7 @@ def test_fields_and_defaults_are_frozen():
         "split": "98,2,0",
         "cache_dir": ".cache/megatron_transmamba",
         "num_workers": 0,
+        "reset_at_eod": False,
     }
     DataConfig().validate()
 
