@@ -1,14 +1,15 @@
 """Training checkpoint <-> Hugging Face folder, verified by running both models.
 
-``export_checkpoint`` reads a checkpoint folder (``iter_XXXXXXX`` with one file per rank and
-``layout.json``, or a format-1 ``state.pt``), joins the pipeline stages and merges the
-tensor-parallel shards into full tensors, and writes a ``trust_remote_code`` folder: config.json (``model_type`` transmamba,
+``export_checkpoint`` reads a checkpoint folder (``iter_XXXXXXX``: dist_checkpointing's whole
+tensors, whose mixer components are joined; or, for the older formats, one file per rank whose
+pipeline stages are joined and tensor-parallel shards merged) into full tensors, and writes a
+``trust_remote_code`` folder: config.json (``model_type`` transmamba,
 ``architectures``, ``auto_map`` and the training run config for the way back),
 configuration/modeling files, sharded safetensors with ``model.safetensors.index.json``,
 generation_config.json and tokenizer files. Everything is written into a temporary folder that
 is renamed only after both models ran on a sample batch longer than the largest TransPoint and
 their logits agree within ``tolerance``. ``import_hf`` writes a model-only training checkpoint
-at any tensor-parallel size from such a folder.
+from such a folder, which loads at any tensor / pipeline / data-parallel layout.
 """
 
 from __future__ import annotations
@@ -39,13 +40,7 @@ class VerificationError(RuntimeError):
 
 def resolve_checkpoint(path: str) -> str:
     """An ``iter_XXXXXXX`` folder: ``path`` itself, or the newest complete one inside it."""
-    if os.path.isfile(os.path.join(path, ckpt.LAYOUT_FILE)) or os.path.isfile(os.path.join(path, "state.pt")):
-        return path
-    found = ckpt.checkpoint_dirs(path)
-    if not found:
-        raise FileNotFoundError(f"{path}: no complete training checkpoint (iter_XXXXXXX with "
-                                f"{ckpt.LAYOUT_FILE}) in or at this path")
-    return found[-1][1]
+    return ckpt.resolve(path)
 
 
 def model_config_from_run_config(run_config: dict) -> TransMambaConfig:
@@ -64,6 +59,12 @@ def read_checkpoint(path: str) -> tuple[dict, TransMambaConfig, dict, int]:
     """(full tensors, model config, run config dict, step) of a training checkpoint at any
     tensor / pipeline (and virtual pipeline) parallel layout."""
     path = resolve_checkpoint(path)
+    if ckpt.checkpoint_format(path) == ckpt.FORMAT_VERSION:    # dist_checkpointing: whole tensors
+        info = ckpt.read_info(path)
+        run_config = _run_config_of(path, info)
+        config = model_config_from_run_config(run_config)
+        full = _join_components(ckpt.load_model_tensors(path))
+        return W.merge_tensor_parallel([full], config), config, run_config, int(info["step"])
     layout_path = os.path.join(path, ckpt.LAYOUT_FILE)
     if not os.path.isfile(layout_path):                    # format 1: one process
         state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
@@ -87,6 +88,28 @@ def read_checkpoint(path: str) -> tuple[dict, TransMambaConfig, dict, int]:
               for t in range(tp)]
     return (W.merge_tensor_parallel(shards, config), config, run_config,
             int(states[0, 0].get("step", 0)))
+
+
+def _join_components(stored: dict) -> dict:
+    """The mixer's in_proj and conv1d tensors from their stored components (``<key>.z``, ...,
+    see parallel/tensor_parallel.py); every other tensor is stored under its own name."""
+    from megatron_transmamba.layers.transmamba_mixer import CONV_COMPONENTS, IN_PROJ_COMPONENTS
+
+    full, parts = {}, {}
+    for key, tensor in stored.items():
+        base, _, last = key.rpartition(".")
+        if base.endswith("mixer.in_proj.weight") and last in IN_PROJ_COMPONENTS or \
+                base.endswith(("mixer.conv1d.weight", "mixer.conv1d.bias")) and last in CONV_COMPONENTS:
+            parts.setdefault(base, {})[last] = tensor
+        else:
+            full[key] = tensor
+    for base, components in parts.items():
+        names = IN_PROJ_COMPONENTS if base.endswith("in_proj.weight") else CONV_COMPONENTS
+        missing = [n for n in names if n not in components]
+        if missing:
+            raise ValueError(f"{base}: components {missing} missing from the checkpoint")
+        full[base] = torch.cat([components[n] for n in names])
+    return full
 
 
 def _run_config_of(path: str, state: dict) -> dict:
@@ -347,10 +370,13 @@ def read_hf_folder(folder: str) -> tuple[dict, TransMambaConfig, dict]:
 
 
 def import_hf(folder: str, save: str, tensor_model_parallel_size: int = 1, step: int = 0) -> str:
-    """Write a model-only training checkpoint ``<save>/iter_<step>`` (atomic, with layout.json
-    and ``latest``) for ``tensor_model_parallel_size`` ranks. Returns its path."""
+    """Write a model-only training checkpoint ``<save>/iter_<step>`` (atomic, with
+    checkpoint.json and ``latest``) in the dist_checkpointing format: it loads at any
+    tensor / pipeline / data-parallel layout. ``tensor_model_parallel_size`` is only checked
+    (the model must split at it) and recorded in the stored run config. Returns its path."""
     full, config, run_config = read_hf_folder(folder)
     tp = tensor_model_parallel_size
+    W.split_tensor_parallel(full, config, tp)                # raises when TP does not divide
     run_config = json.loads(json.dumps(run_config))
     parallel = run_config.setdefault("parallel", {})
     parallel.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1)
@@ -359,27 +385,11 @@ def import_hf(folder: str, save: str, tensor_model_parallel_size: int = 1, step:
         parallel["sequence_parallel"] = False
     if "layer_pattern" in run_config.get("model", {}):
         run_config["model"]["layer_pattern"] = config.layer_pattern      # no stage marks
-    shards = W.split_tensor_parallel(full, config, tp)
-    final = os.path.join(save, f"iter_{step:07d}")
-    tmp = final + ".tmp"
-    os.makedirs(save, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    created = ensure_single_process_group()
     try:
-        for rank, shard in enumerate(shards):
-            torch.save({"format_version": ckpt.FORMAT_VERSION, "step": step, "model": shard,
-                        "consumed_samples": 0, "config": run_config},
-                       os.path.join(tmp, f"rank_{rank:05d}.pt"))
-        with open(os.path.join(tmp, ckpt.LAYOUT_FILE), "w") as f:
-            json.dump({"format_version": ckpt.FORMAT_VERSION, "world_size": tp,
-                       "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1,
-                       "sequence_parallel": run_config["parallel"].get("sequence_parallel", False),
-                       "model_only": True}, f, indent=1)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    with open(os.path.join(save, "latest"), "w") as f:
-        f.write(f"{step}\n")
-    return final
+        model = build_training_model(full, config)
+        return ckpt.save_model_checkpoint(save, step, model, run_config)
+    finally:
+        if created:
+            from megatron_transmamba.parallel.initialize import destroy_distributed
+            destroy_distributed()

@@ -325,6 +325,11 @@ PATCHES: Tuple[object, ...] = (
         "dist_checkpointing save with cached plans: the all-reduced reuse flag on 'cuda'",
     ),
     CudaNames(
+        "megatron.core.dist_checkpointing.strategies.async_utils",
+        ("current_device", "synchronize"),
+        "asynchronous save: the all-reduced 'writer done' flags and the sync before forking",
+    ),
+    CudaNames(
         "megatron.core.pipeline_parallel.p2p_communication",
         ("current_device", "synchronize"),
         "receive buffers and shape exchange on the current device; sync after batched p2p",

@@ -57,6 +57,13 @@ class TrainingConfig:
     exit_at_step: Optional[int] = None
     """Stop after this step (saving a checkpoint when checkpoint.save is set), e.g. to fit a job
     into a time slot; resuming continues the same schedule up to train_iters."""
+    nan_action: str = "stop"
+    """What a NaN/inf loss or gradient norm does (the step's update is never applied): ``stop``
+    saves a checkpoint of the last good state (when checkpoint.save is set) and ends the run
+    with an error; ``skip`` skips the update and goes on with the next batch."""
+    nan_skip_limit: int = 10
+    """With nan_action='skip': after this many consecutive skipped steps, stop as with 'stop'
+    (0: never)."""
     make_vocab_size_divisible_by: int = 64
     """The vocabulary is padded to a multiple of lcm(this, TP size): the same padded model at
     every TP size that divides it."""
@@ -81,6 +88,13 @@ class CheckpointConfig:
     """Continue from the newest complete checkpoint in ``save``."""
     keep_last: int = 2
     """How many complete checkpoints to keep (0 keeps all)."""
+    async_save: bool = False
+    """Write the checkpoint files in background processes (megatron-core's asynchronous
+    dist_checkpointing save) while training goes on; the checkpoint completes (checksums,
+    rename) at a later step, and before the run ends."""
+    verify_checksums: bool = True
+    """Record a CRC-32 of every file at save and check it on resume (all ranks share the reading);
+    sizes are always checked. A damaged checkpoint is moved aside and the previous one used."""
 
 
 @dataclass
@@ -236,6 +250,10 @@ def _validate(cfg: RunConfig) -> None:
     if bad or not t.recompute_modules:
         raise ValueError(f"training.recompute_modules={t.recompute_modules!r}: expected a "
                          f"non-empty list of {', '.join(RECOMPUTE_MODULES)}")
+    if t.nan_action not in ("skip", "stop"):
+        raise ValueError(f"training.nan_action={t.nan_action!r}: expected 'skip' or 'stop'")
+    if t.nan_skip_limit < 0:
+        raise ValueError(f"training.nan_skip_limit={t.nan_skip_limit}: must be >= 0")
     if t.precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"training.precision={t.precision!r}: expected 'auto', 'bf16' or 'fp32'")
     if t.lr_decay_style not in ("cosine", "linear", "constant"):
@@ -245,6 +263,10 @@ def _validate(cfg: RunConfig) -> None:
     c = cfg.checkpoint
     if c.save_interval < 1:
         raise ValueError(f"checkpoint.save_interval={c.save_interval}: must be >= 1")
+    if c.keep_last < 0:
+        raise ValueError(f"checkpoint.keep_last={c.keep_last}: must be >= 0 (0 keeps all)")
+    if c.async_save and not c.save:
+        raise ValueError("checkpoint.async_save=true needs checkpoint.save")
     if c.resume and not c.save:
         raise ValueError("checkpoint.resume=true needs checkpoint.save (the directory to resume from)")
     p = cfg.parallel

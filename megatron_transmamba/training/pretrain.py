@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
+import sys
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
@@ -56,6 +60,10 @@ class TrainResult:
     seconds: float = 0.0
     flops_per_token: float = 0.0                          # model FLOPs of training (flops.py)
     peak_tflops: Optional[float] = None                   # per GPU, for MFU
+    skipped_steps: list = field(default_factory=list)    # NaN/inf steps not applied
+    resumed_from: Optional[str] = None                    # the checkpoint folder loaded
+    saved: list = field(default_factory=list)             # checkpoint folders completed
+    stop_reason: Optional[str] = None                     # 'exit_at_step', 'SIGTERM', or None
     peak_memory_bytes: int = 0                            # max over ranks (CUDA allocator)
 
 
@@ -199,7 +207,8 @@ def freeze_unused_parameters(model, vocab_size: int, seq_length: int,
         config = model.config
         rows = seq_length // config.tensor_model_parallel_size if config.sequence_parallel \
             else seq_length
-        model.set_input_tensor(torch.randn(rows, 1, config.hidden_size, device=device))
+        model.set_input_tensor(torch.randn(rows, 1, config.hidden_size, device=device,
+                                           dtype=config.params_dtype))
     model(tokens, labels=tokens).float().sum().backward()
     model.set_input_tensor(None)
     unused = [name for name, param in model.named_parameters()
@@ -229,50 +238,50 @@ def build_optimizer(ddp_model, t, bf16: bool, params_dtype: torch.dtype,
     return optimizer, scheduler
 
 
-def _distributed_optimizers(optimizer) -> list:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-    chained = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [o for o in chained if isinstance(o, DistributedOptimizer)]
+def optimizer_step(optimizer) -> tuple[bool, float]:
+    """megatron-core's optimizer step, taken only when the global gradient norm is finite:
+    returns (applied, gradient norm). The norm is computed once more before the step (one extra
+    pass over the gradients), so that a NaN/inf never reaches the weights or Adam's moments."""
+    optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm() or 0.0)
+    if not math.isfinite(grad_norm):
+        return False, grad_norm
+    applied, grad_norm, _ = optimizer.step()
+    return applied, float(grad_norm or 0.0)
 
 
-def optimizer_state(optimizer) -> dict:
-    """This rank's optimizer state for its checkpoint file. The distributed optimizer's
-    ``state_dict`` leaves out the parameter state (main weights, Adam moments), so its 1/DP
-    shards are added as they lie in the buckets; they load back at the same layout only."""
-    state = {"common": optimizer.state_dict()}
-    shards = [o.get_parameter_state_dp_reshardable() for o in _distributed_optimizers(optimizer)]
-    for shard in shards:
-        for key, buffers in shard.items():
-            if isinstance(key, int):
-                for buckets in buffers.values():
-                    for bucket in buckets:
-                        for entry in bucket:
-                            entry["padding"] = False    # what the loader filters on
-    if shards:
-        state["distributed_parameter_state"] = shards
-    return state
+class TrainingDivergedError(RuntimeError):
+    """A NaN/inf loss or gradient norm with training.nan_action='stop' (or too many skips)."""
 
 
-def load_optimizer_state(optimizer, state: dict) -> None:
-    if "common" not in state:                           # checkpoints written before #5
-        optimizer.load_state_dict(state)
-        return
-    optimizers = _distributed_optimizers(optimizer)
-    shards = state.get("distributed_parameter_state", [])
-    if len(shards) != len(optimizers):
-        raise ValueError("the checkpoint was saved with parallel.use_distributed_optimizer="
-                         f"{bool(shards)}: resume with the same setting")
-    optimizer.load_state_dict(state["common"])
-    for o in optimizers:
-        # Without apex / Transformer Engine, megatron-core 0.16 gives every parameter's Adam
-        # state the same `step` tensor, which torch's Adam then increments once per parameter:
-        # the bias correction after a resume would be wrong.
-        for param_state in o.optimizer.state.values():
-            if torch.is_tensor(param_state.get("step")):
-                param_state["step"] = param_state["step"].clone()
-    with torch.no_grad():                               # fp32 main weights are the model's
-        for o, shard in zip(optimizers, shards):
-            o.load_parameter_state_from_dp_reshardable(shard)
+class _StopSignal:
+    """SIGTERM (e.g. SLURM preemption, or torchrun passing it on) sets a flag instead of killing
+    the process; the training loop checks it on every rank after each step, saves and stops.
+    Later SIGTERMs are ignored too (a job may get one from SLURM and one from torchrun): the
+    launcher's SIGKILL after its grace period is the hard stop. Only the main thread can install
+    handlers; elsewhere this does nothing."""
+
+    def __init__(self):
+        self.received, self._previous = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+    def anywhere(self, device: torch.device) -> bool:
+        """Whether any rank got the signal (a collective: every rank calls it)."""
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def startup_line(cfg: RunConfig, model_config: TransMambaConfig, info, num_params: int,
@@ -301,12 +310,16 @@ def startup_line(cfg: RunConfig, model_config: TransMambaConfig, info, num_param
 
 def lm_forward_step(data_iterator: Iterator, model, device: torch.device):
     """megatron-core forward_step_func: next batch (tokens, labels, loss_mask) -> per-token loss
-    and the masked-mean loss function."""
+    and the masked-mean loss function. A batch with ``cu_seqlens`` (``data.reset_at_eod``)
+    runs its documents apart; every pipeline stage reads the same batch, so each gets them."""
     batch = next(data_iterator)
     tokens = batch["tokens"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True).float()
-    losses = model(tokens, labels=labels)                                  # [B, S]
+    packed = {}
+    if "cu_seqlens" in batch:
+        packed["cu_seqlens"] = batch["cu_seqlens"].to(device, non_blocking=True)
+    losses = model(tokens, labels=labels, **packed)                       # [B, S]
 
     def loss_func(output):
         loss = (output.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
@@ -391,9 +404,19 @@ def pretrain(cfg: RunConfig) -> TrainResult:
                                       p.virtual_pipeline_model_parallel_size),
                                   seed=t.seed)
     try:
-        return _pretrain(cfg, info, model_config, bf16, start_time)
-    finally:
+        result = _pretrain(cfg, info, model_config, bf16, start_time)
+    except BaseException:
+        if info.world_size > 1:
+            # The other ranks may wait in a collective for this one, and tearing down an NCCL
+            # group with work pending blocks: report now and leave the rest to the launcher,
+            # which stops every rank once one exits.
+            print(f"rank {info.rank}: training failed:\n{traceback.format_exc()}",
+                  file=sys.stderr, flush=True)
+            raise
         destroy_distributed()
+        raise
+    destroy_distributed()
+    return result
 
 
 def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bool,
@@ -405,6 +428,8 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
     layout = {"world_size": info.world_size,
               "tensor_model_parallel_size": p.tensor_model_parallel_size,
               "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+              "data_parallel_size": info.data_parallel_size,
+              "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
               "sequence_parallel": p.sequence_parallel,
               "use_distributed_optimizer": p.use_distributed_optimizer}
     dp_size, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
@@ -428,41 +453,47 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
                                         for c in chunks)), dtype=torch.float64, device=device)
     torch.distributed.all_reduce(num_params, group=groups.pp)
     num_params = int(num_params.item())
+    startup = {"model": time.time() - start_time}         # seconds since pretrain() began
     frozen = [name for c in chunks
               for name in freeze_unused_parameters(c, vocab_size, model_config.seq_length, device)
               ] if p.overlap_grad_reduce else []
     ddp_models = wrap_model_chunks(chunks, model_config, use_bf16, p.use_distributed_optimizer,
                                    p.overlap_grad_reduce)
+    startup["probe"] = time.time() - start_time          # includes Triton compilation
     optimizer, scheduler = build_optimizer(ddp_models, t, use_bf16, model_config.params_dtype,
                                            p.use_distributed_optimizer)
 
-    step, consumed = 0, 0
+    checkpointer = None
+    if cfg.checkpoint.save:
+        c = cfg.checkpoint
+        checkpointer = ckpt.Checkpointer(
+            c.save, groups, layout, cfg.to_dict(), model_config.seq_length, keep_last=c.keep_last,
+            async_save=c.async_save, checksums=c.verify_checksums,
+            log=(lambda text: print(text, flush=True)) if rank0 else (lambda text: None))
+        checkpointer.remove_incomplete()
+    step, consumed, resumed = 0, 0, None
     if cfg.checkpoint.resume:
-        state = ckpt.load_latest_checkpoint(cfg.checkpoint.save, layout)
-        if state is not None:
-            models = state["model"] if isinstance(state["model"], list) else [state["model"]]
-            for chunk, chunk_state in zip(chunks, models, strict=True):
-                chunk.load_state_dict(chunk_state)
-            if "optimizer" in state:
-                load_optimizer_state(optimizer, state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-                ckpt.set_rng_state(state["rng"])
-                step, consumed = state["step"], state["consumed_samples"]
+        resumed = checkpointer.load(chunks, optimizer, scheduler)
+        if resumed is not None:
+            step, consumed = resumed.step, resumed.consumed_samples
         if rank0:
-            if state is None:
+            if resumed is None:
                 print(f"no checkpoint in {cfg.checkpoint.save}: starting from scratch", flush=True)
-            elif "optimizer" not in state:
+            elif resumed.model_only:
                 # e.g. imported from Hugging Face (tools/hf/convert.py import): continued
                 # pretraining from these weights with a fresh optimizer, schedule and data order
-                print(f"starting from the weights of a model-only checkpoint in "
-                      f"{cfg.checkpoint.save} (fresh optimizer, step 0)", flush=True)
+                print(f"starting from the weights of the model-only checkpoint {resumed.path} "
+                      "(fresh optimizer, step 0)", flush=True)
             else:
-                print(f"resuming from step {step}", flush=True)
+                print(f"resuming from step {step} ({resumed.path})", flush=True)
+            for note in (resumed.notes if resumed else []):
+                print(note, flush=True)
 
     seq_length = model_config.seq_length
     train_ds, valid_ds, _ = build_pretraining_datasets(
         cfg.data, tokenizer, seq_length,
         (t.train_iters * global_batch, t.eval_iters * t.micro_batch_size * dp_size, 0), t.seed)
+    startup["data"] = time.time() - start_time
 
     def iterators(dataset, consumed_samples, num_workers):
         """One iterator per model chunk (the interleaved schedule reads each chunk's own);
@@ -512,6 +543,8 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
         if frozen:
             log.line(f"frozen (no gradient at T={seq_length}, see freeze_unused_parameters): "
                      f"{', '.join(frozen)}")
+        log.line("start-up seconds (cumulative): " + ", ".join(
+            f"{name} {seconds:.1f}" for name, seconds in startup.items()))
     if t.eval_interval and step == 0:
         result.initial_valid_loss = evaluate()
         result.valid_losses[0] = result.initial_valid_loss
@@ -522,54 +555,99 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
         m.train()
     tic, last_logged = time.time(), step
     result.tokens_per_step = global_batch * seq_length
-    while step < t.train_iters:
-        step_start = time.time()
-        for m in ddp_models:
-            m.zero_grad_buffer()
-        optimizer.zero_grad()
-        out = forward_backward(forward_step_func=forward_step, data_iterator=train_iter,
-                               model=ddp_models, num_microbatches=num_micro,
-                               seq_length=seq_length, micro_batch_size=t.micro_batch_size,
-                               forward_only=False)
-        ok, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
-        step += 1
-        consumed += global_batch
-        loss = _mean_loss(out, groups.pp)                 # .item() waits for the GPU: the step is done
-        result.step_seconds[step] = time.time() - step_start
-        result.train_losses[step] = loss
-        result.grad_norms[step] = float(grad_norm or 0.0)
-        lr = optimizer.param_groups[0]["lr"]
-        log.advance(loss)
-        log.scalars(step, **{"loss/train": loss, "lr": lr, "grad_norm": grad_norm or 0.0})
-        if step % t.log_interval == 0 or step == t.train_iters:
-            elapsed = time.time() - tic
-            speed = throughput((step - last_logged) * global_batch * seq_length, elapsed,
-                               flops_per_token, info.world_size, peak)
-            result.throughput = speed
-            log.line(f"step {step:>6} | loss {loss:.4f} | lr {lr:.3e} | grad norm "
-                     f"{(grad_norm or 0.0):.3f} | {speed.describe()}")
-            log.scalars(step, **{"throughput/tokens_per_s": speed.tokens_per_s,
-                                 "throughput/tflops_per_gpu": speed.tflops_per_gpu,
-                                 **({"throughput/mfu": speed.mfu} if speed.mfu is not None else {})})
-            tic, last_logged = time.time(), step
-        if t.eval_interval and (step % t.eval_interval == 0 or step == t.train_iters):
-            result.valid_losses[step] = evaluate()
-            log.line(f"step {step:>6} | validation loss {result.valid_losses[step]:.4f}")
-            log.scalars(step, **{"loss/validation": result.valid_losses[step]})
-        stopping = step == t.exit_at_step
-        if cfg.checkpoint.save and (step % cfg.checkpoint.save_interval == 0
-                                    or step == t.train_iters or stopping):
-            path = ckpt.save_checkpoint(cfg.checkpoint.save, step, {
-                "model": ([c.state_dict() for c in chunks] if len(chunks) > 1
-                          else chunks[0].state_dict()), "optimizer": optimizer_state(optimizer),
-                "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
-                "consumed_samples": consumed, "config": cfg.to_dict()},
-                keep_last=cfg.checkpoint.keep_last, layout=layout)
-            log.line(f"step {step:>6} | saved {path}")
-        if stopping:
-            log.line(f"step {step:>6} | stopping (training.exit_at_step)")
-            break
+    result.resumed_from = resumed.path if resumed is not None else None
+
+    def save(at_step: int, samples: int) -> None:
+        path = checkpointer.save(at_step, samples, chunks, optimizer, scheduler)
+        if cfg.checkpoint.async_save:
+            log.line(f"step {at_step:>6} | saving {path} in the background")
+        else:
+            result.saved.append(path)
+            log.line(f"step {at_step:>6} | saved {path}")
+
+    def finish_saves(blocking: bool) -> None:
+        """Complete the asynchronous saves whose writers are done (all of them if blocking)."""
+        if checkpointer is not None:
+            for path in checkpointer.wait() if blocking else checkpointer.poll():
+                result.saved.append(path)
+                log.line(f"checkpoint {path} complete")
+
+    skipped_in_a_row, last_saved = 0, (resumed.step if resumed is not None else None)
+    with _StopSignal() as stop_signal:
+        while step < t.train_iters:
+            step_start = time.time()
+            for m in ddp_models:
+                m.zero_grad_buffer()
+            optimizer.zero_grad()
+            out = forward_backward(forward_step_func=forward_step, data_iterator=train_iter,
+                                   model=ddp_models, num_microbatches=num_micro,
+                                   seq_length=seq_length, micro_batch_size=t.micro_batch_size,
+                                   forward_only=False)
+            loss = _mean_loss(out, groups.pp)         # the same on every rank
+            applied, grad_norm = (optimizer_step(optimizer) if math.isfinite(loss)
+                                  else (False, float("nan")))
+            if applied:
+                scheduler.step(increment=1)
+                skipped_in_a_row = 0
+            else:
+                skipped_in_a_row += 1
+                result.skipped_steps.append(step + 1)
+                what = f"step {step + 1}: loss {loss}, gradient norm {grad_norm}"
+                if t.nan_action == "stop" or skipped_in_a_row == t.nan_skip_limit:
+                    # Nothing was applied: weights, optimizer and schedule are those of `step`.
+                    saved = ""
+                    if checkpointer is not None:
+                        finish_saves(blocking=True)
+                        if last_saved != step:
+                            save(step, consumed)
+                            finish_saves(blocking=True)
+                        saved = (f"; the last good state (step {step}) is the checkpoint "
+                                 f"iter_{step:07d} in {cfg.checkpoint.save}")
+                    reason = ("training.nan_action='stop'" if t.nan_action == "stop" else
+                              f"{skipped_in_a_row} steps in a row (training.nan_skip_limit)")
+                    raise TrainingDivergedError(
+                        f"{what} is not finite ({reason}){saved}. Resuming repeats this batch; "
+                        "training.nan_action='skip' skips it, a lower training.lr or "
+                        "training.clip_grad may avoid it")
+                log.line(f"step {step + 1:>6} | {what} is not finite: update skipped "
+                         f"(training.nan_action='skip', {skipped_in_a_row} in a row)")
+            step += 1
+            consumed += global_batch
+            result.step_seconds[step] = time.time() - step_start
+            result.train_losses[step] = loss
+            result.grad_norms[step] = grad_norm
+            lr = optimizer.param_groups[0]["lr"]
+            log.advance(loss)
+            log.scalars(step, **{"loss/train": loss, "lr": lr, "grad_norm": grad_norm})
+            if step % t.log_interval == 0 or step == t.train_iters:
+                elapsed = time.time() - tic
+                speed = throughput((step - last_logged) * global_batch * seq_length, elapsed,
+                                   flops_per_token, info.world_size, peak)
+                result.throughput = speed
+                log.line(f"step {step:>6} | loss {loss:.4f} | lr {lr:.3e} | grad norm "
+                         f"{grad_norm:.3f} | {speed.describe()}")
+                log.scalars(step, **{"throughput/tokens_per_s": speed.tokens_per_s,
+                                     "throughput/tflops_per_gpu": speed.tflops_per_gpu,
+                                     **({"throughput/mfu": speed.mfu} if speed.mfu is not None
+                                        else {})})
+                tic, last_logged = time.time(), step
+            if t.eval_interval and (step % t.eval_interval == 0 or step == t.train_iters):
+                result.valid_losses[step] = evaluate()
+                log.line(f"step {step:>6} | validation loss {result.valid_losses[step]:.4f}")
+                log.scalars(step, **{"loss/validation": result.valid_losses[step]})
+            finish_saves(blocking=False)
+            if step == t.exit_at_step:
+                result.stop_reason = "exit_at_step"
+            elif stop_signal.anywhere(device):
+                result.stop_reason = "SIGTERM"
+            if checkpointer is not None and (step % cfg.checkpoint.save_interval == 0
+                                             or step == t.train_iters or result.stop_reason):
+                save(step, consumed)
+                last_saved = step
+            if result.stop_reason:
+                log.line(f"step {step:>6} | stopping ({result.stop_reason})")
+                break
+        finish_saves(blocking=True)
     result.flops_per_token, result.peak_tflops = flops_per_token, peak
     if device.type == "cuda":
         peak_memory = torch.tensor(torch.cuda.max_memory_allocated(device), device=device)

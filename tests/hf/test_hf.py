@@ -34,8 +34,7 @@ def exported(megatron_single_process, tmp_path_factory):
         for name, p in model.named_parameters():
             if name.endswith(("norm.weight", "norm_weight", "D", "dt_bias")):
                 p.add_(0.3 * torch.randn_like(p))
-    ckpt.save_checkpoint(str(root / "train"), 5, {"model": model.state_dict(), "config": RUN_CONFIG},
-                         layout={"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1})
+    ckpt.save_model_checkpoint(str(root / "train"), 5, model, RUN_CONFIG)
     summary = E.export_checkpoint(str(root / "train"), str(root / "hf"), tolerance=1e-4,
                                   max_shard_bytes=40_000)
     hf = E.load_hf_model(str(root / "hf"))
@@ -124,21 +123,32 @@ def test_kv_cache_released_after_transpoint(exported):
 
 def test_round_trip_is_tensor_equal(exported, tmp_path):
     path = E.import_hf(str(exported["root"] / "hf"), str(tmp_path / "back"), 1, step=5)
-    state = torch.load(os.path.join(path, "rank_00000.pt"), weights_only=False)["model"]
-    original = exported["model"].state_dict()
-    assert state.keys() == original.keys()
+    info = ckpt.read_info(path)
+    assert (info["format_version"], info["step"], info["model_only"]) == (3, 5, True)
+    assert ckpt.verify(path) == [] and (tmp_path / "back" / "latest").read_text() == "5\n"
+    full, _, _, step = E.read_checkpoint(path)
+    original = {k: v for k, v in exported["model"].state_dict().items() if v is not None}
+    assert full.keys() == original.keys() and step == 5
     for key, value in original.items():
-        assert (value is None and state[key] is None) or torch.equal(value, state[key]), key
-    assert ckpt.load_latest_checkpoint(str(tmp_path / "back"),
-                                       {"tensor_model_parallel_size": 1})["step"] == 5
+        assert torch.equal(value, full[key]), key
+    # stored per component (z, x, B, C, dt), so it loads at any tensor-parallel size
+    shapes = ckpt.tensor_metadata(path)
+    assert shapes["layers.0.mixer.in_proj.weight.dt"][0] == (4, 32)
+    assert "layers.0.mixer.in_proj.weight" not in shapes
 
 
-def test_tp2_checkpoint_exports_like_tp1(exported, tmp_path):
-    E.import_hf(str(exported["root"] / "hf"), str(tmp_path / "tp2"), 2)
-    layout = json.loads((tmp_path / "tp2" / "iter_0000000" / "layout.json").read_text())
-    assert layout["tensor_model_parallel_size"] == 2
-    shard = torch.load(tmp_path / "tp2" / "iter_0000000" / "rank_00001.pt", weights_only=False)["model"]
-    assert shard["layers.0.mixer.in_proj.weight"].shape[0] == 100 // 2
+def test_format_2_tp2_checkpoint_exports_like_tp1(exported, tmp_path):
+    """Checkpoints written before dist_checkpointing (one file per rank) still export."""
+    config = exported["config"]
+    full = {k: v for k, v in exported["model"].state_dict().items() if v is not None}
+    folder = tmp_path / "tp2" / "iter_0000000"
+    folder.mkdir(parents=True)
+    for rank, shard in enumerate(W.split_tensor_parallel(full, config, 2)):
+        torch.save({"format_version": 2, "step": 0, "model": shard, "config": RUN_CONFIG},
+                   folder / f"rank_{rank:05d}.pt")
+    (folder / "layout.json").write_text(json.dumps(
+        {"format_version": 2, "world_size": 2, "tensor_model_parallel_size": 2,
+         "pipeline_model_parallel_size": 1}))
     E.export_checkpoint(str(tmp_path / "tp2"), str(tmp_path / "hf2"), tolerance=1e-4)
     one, two = (E.read_safetensors(str(p)) for p in (exported["root"] / "hf", tmp_path / "hf2"))
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)

@@ -1,13 +1,14 @@
 """Training checkpoint <-> Hugging Face folder (trust_remote_code), verified by default.
 
     python tools/hf/convert.py export runs/tiny_cpu hf/tiny_cpu
-    python tools/hf/convert.py import hf/tiny_cpu runs/imported --tensor-parallel-size 2
+    python tools/hf/convert.py import hf/tiny_cpu runs/imported
 
 ``export`` reads the newest complete checkpoint in (or at) the given path, at any tensor /
 pipeline parallel layout, writes the folder atomically and refuses to finish when the exported
 model's logits differ from the training model's beyond --tolerance on a sample batch longer
-than the largest TransPoint. ``import`` writes a model-only training checkpoint at the tensor-parallel size asked
-for. The code lives in ``megatron_transmamba.hf`` (docs/hf.md).
+than the largest TransPoint. ``import`` writes a model-only training checkpoint
+(dist_checkpointing), which trains at any tensor / pipeline / data-parallel layout. The code lives
+in ``megatron_transmamba.hf`` (docs/hf.md).
 """
 
 import argparse
@@ -33,7 +34,9 @@ def main(argv=None) -> int:
     imp = sub.add_parser("import", help="Hugging Face folder -> model-only training checkpoint")
     imp.add_argument("folder", help="a folder written by 'export'")
     imp.add_argument("save", help="checkpoint directory (gets iter_XXXXXXX and latest)")
-    imp.add_argument("--tensor-parallel-size", type=int, default=1)
+    imp.add_argument("--tensor-parallel-size", type=int, default=1,
+                     help="checked (the model must split at it) and recorded in the stored run "
+                          "config; the checkpoint itself loads at any layout")
     imp.add_argument("--step", type=int, default=0, help="step number of the checkpoint folder")
     args = parser.parse_args(argv)
     try:
@@ -47,7 +50,7 @@ def main(argv=None) -> int:
                   f"{args.output}: {check}")
         else:
             path = import_hf(args.folder, args.save, args.tensor_parallel_size, args.step)
-            print(f"wrote {path} (TP={args.tensor_parallel_size}, model weights only)")
+            print(f"wrote {path} (model weights only; loads at any TP / PP / DP layout)")
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, NotImplementedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
