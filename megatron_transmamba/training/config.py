@@ -105,6 +105,15 @@ class LoggingConfig:
     peak_tflops: Optional[float] = None
     """Peak dense TFLOP/s of one GPU for MFU (None: by device name, e.g. 989 for H100/H200 in
     bf16 and 494.5 in fp32/tf32, see training/metrics.py; on CPU no MFU is printed)."""
+    profile: bool = False
+    """Profile steps profile_step_start..profile_step_end with the PyTorch profiler: a Chrome
+    trace per profiled rank, a table of the costliest operators and the device's busy time
+    (training/profiling.py)."""
+    profile_step_start: int = 3
+    profile_step_end: int = 4
+    profile_ranks: tuple = (0,)
+    profile_dir: Optional[str] = None
+    """Where the traces go (None: ``<checkpoint.save>/profile``, or ``runs/profile``)."""
 
 
 @dataclass
@@ -230,6 +239,14 @@ def build_run_config(raw: dict) -> RunConfig:
 
 def _validate(cfg: RunConfig) -> None:
     t = cfg.training
+    g = cfg.logging
+    if g.profile and not 1 <= g.profile_step_start <= g.profile_step_end <= t.train_iters:
+        raise ValueError(f"logging.profile_step_start={g.profile_step_start} and "
+                         f"logging.profile_step_end={g.profile_step_end} must satisfy 1 <= start "
+                         f"<= end <= training.train_iters={t.train_iters}")
+    if g.profile and not all(isinstance(r, int) and r >= 0 for r in g.profile_ranks):
+        raise ValueError(f"logging.profile_ranks={list(g.profile_ranks)}: expected a list of "
+                         "ranks (non-negative integers)")
     for name in ("micro_batch_size", "train_iters", "eval_iters", "log_interval"):
         if getattr(t, name) < 1:
             raise ValueError(f"training.{name}={getattr(t, name)}: must be >= 1")

@@ -42,6 +42,7 @@ from megatron_transmamba.parallel.initialize import (destroy_distributed, initia
 from megatron_transmamba.parallel.pipeline import rank_stages, split_layer_pattern, strip_stage_marks
 from megatron_transmamba.training import checkpoint as ckpt
 from megatron_transmamba.training.config import RunConfig
+from megatron_transmamba.training.profiling import StepProfiler
 from megatron_transmamba.training.metrics import (Throughput, format_bytes, memory_estimate_bytes,
                                                   peak_tflops, throughput)
 
@@ -573,8 +574,11 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
                 log.line(f"checkpoint {path} complete")
 
     skipped_in_a_row, last_saved = 0, (resumed.step if resumed is not None else None)
+    profiler = StepProfiler(cfg.logging, info.rank, partial(print, flush=True), default_dir=(
+        os.path.join(cfg.checkpoint.save, "profile") if cfg.checkpoint.save else "runs/profile"))
     with _StopSignal() as stop_signal:
         while step < t.train_iters:
+            profiler.begin(step + 1)
             step_start = time.time()
             for m in ddp_models:
                 m.zero_grad_buffer()
@@ -614,6 +618,7 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
             step += 1
             consumed += global_batch
             result.step_seconds[step] = time.time() - step_start
+            profiler.end(step)
             result.train_losses[step] = loss
             result.grad_norms[step] = grad_norm
             lr = optimizer.param_groups[0]["lr"]

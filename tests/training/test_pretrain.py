@@ -47,3 +47,30 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(data_cache, tmp_path):
         assert stopped.train_losses[step] == full.train_losses[step], step
     for step in range(5, 11):
         assert resumed.train_losses[step] == full.train_losses[step], step
+
+
+def test_profile_writes_a_trace_and_a_table_of_the_window_only(data_cache, tmp_path, capsys):
+    cfg = run_config(data_cache, train_iters=6, eval_interval=0)
+    cfg.logging.profile, cfg.logging.profile_dir = True, str(tmp_path / "profile")
+    cfg.logging.profile_step_start, cfg.logging.profile_step_end = 2, 3
+    result = pretrain(cfg)
+    assert len(result.train_losses) == 6
+    out = capsys.readouterr().out
+    assert out.count("profile of steps 2-3 on rank 0") == 1, out
+    assert "Self CPU time total" in out                # the operator table
+    import json
+    with open(tmp_path / "profile" / "rank0.json") as f:
+        trace = json.load(f)
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert any("aten::" in str(name) for name in names)  # operators of the training step
+
+
+@pytest.mark.parametrize("logging, message", [
+    ({"profile": True, "profile_step_start": 3, "profile_step_end": 2}, "1 <= start <= end"),
+    ({"profile": True, "profile_step_end": 99}, "training.train_iters=10"),
+    ({"profile": True, "profile_ranks": [-1]}, "logging.profile_ranks"),
+])
+def test_bad_profile_window_names_the_fields(logging, message):
+    with pytest.raises(ValueError, match=message.replace("+", r"\+")):
+        build_run_config({"training": {"train_iters": 10, "lr_warmup_iters": 1},
+                          "logging": logging})
