@@ -16,6 +16,7 @@ With ``data.reset_at_eod`` each sample is split after every EOD token: GPTDatase
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from typing import Callable, Iterator, Sequence
 
@@ -61,6 +62,21 @@ def _prepare_embedded_corpus(cfg: DataConfig) -> str:
     return prepare_default_dataset(cfg.cache_dir, cfg.tokenizer, cfg.tokenizer_path)
 
 
+def data_fingerprint(prefixes: list[str]) -> str:
+    """A short hash of the indexed datasets' files (size and modification time of every .bin
+    and .idx). megatron-core keys its cached sample and shuffle indices by the dataset's path
+    and settings only, so indices built for an older version of the same files (the
+    embedded corpus rebuilt for another Python, a re-run of preprocessing) would index past
+    the new documents; under the fingerprint a changed dataset gets fresh indices."""
+    digest = hashlib.sha256()
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            stat = os.stat(prefix + suffix)
+            digest.update(f"{os.path.abspath(prefix)}{suffix}\0{stat.st_size}\0"
+                          f"{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def build_pretraining_datasets(
     cfg: DataConfig,
     tokenizer,
@@ -84,8 +100,8 @@ def build_pretraining_datasets(
             (others get None); default every rank. Without torch.distributed it is not called.
 
     Under torch.distributed, rank 0 writes the sample/shuffle indices to
-    ``<cache_dir>/gpt_indices`` and the other ranks read them there, so that directory
-    must be shared by all nodes (megatron-core's rule).
+    ``<cache_dir>/gpt_indices/<data fingerprint>`` and the other ranks read them there, so that
+    directory must be shared by all nodes (megatron-core's rule).
     """
     cfg.validate()
     if seq_length < 1:
@@ -109,7 +125,7 @@ def build_pretraining_datasets(
         sequence_length=seq_length,
         blend=blend,
         split=cfg.split,
-        path_to_cache=os.path.join(cfg.cache_dir, "gpt_indices"),
+        path_to_cache=os.path.join(cfg.cache_dir, "gpt_indices", data_fingerprint(blend[0])),
         mmap_bin_files=True,
         tokenizer=tokenizer,
         # Without reset_at_eod attention runs across document boundaries, and so do positions.

@@ -192,3 +192,20 @@ def test_errors_name_the_field(small_corpus, tmp_path):
     # megatron-core would loop forever looking for tokens in an empty split
     with pytest.raises(ValueError, match=r"data\.split.*test split none of the 12 documents"):
         _build(str(tmp_path), [prefix], split="90,10,1")
+
+
+def test_rebuilt_dataset_gets_fresh_sample_indices(tmp_path):
+    """megatron-core keys its cached indices by path and settings only: a dataset rebuilt with
+    fewer documents under the same prefix must not reuse indices that point past them."""
+    import time
+    from megatron_transmamba.data.preprocess import build_indexed_dataset
+    prefix = str(tmp_path / "corpus")
+    build_indexed_dataset([f"long document {i} " * 60 for i in range(40)], ByteTokenizer(), prefix)
+    first, _, _ = _build(str(tmp_path / "cache"), [prefix], split="100,0,0", num_samples=(300, 0, 0))
+    [first[i] for i in range(len(first))]
+    time.sleep(0.01)                                   # a distinct modification time
+    build_indexed_dataset([f"short {i} " * 30 for i in range(6)], ByteTokenizer(), prefix)
+    second, _, _ = _build(str(tmp_path / "cache"), [prefix], split="100,0,0", num_samples=(300, 0, 0))
+    for i in range(len(second)):                       # raised IndexError with the stale indices
+        assert second[i]["tokens"].shape == (SEQ,)
+    assert len(os.listdir(tmp_path / "cache" / "gpt_indices")) == 2
