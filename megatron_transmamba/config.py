@@ -78,6 +78,12 @@ class TransMambaConfig(TransformerConfig):
     Memory Converter + chunked SSD in plain PyTorch (the executable specification). ``triton``:
     SDPA + the Triton SSD with the TransPoint (Memory Converter fused into its state passing)."""
 
+    share_embeddings_and_output_weights: bool = False
+    """Tie the LM head to the input embedding: one [V, d] matrix (V/tp rows per tensor-parallel
+    rank) used for both, as megatron-core's GPTModel argument of this name (Megatron-LM ties by
+    default; ``--untie-embeddings-and-output-weights`` unties). Under pipeline parallelism the
+    last stage holds a copy that its gradients all-reduce keeps equal (docs/parallelism.md)."""
+
     # Sensible defaults for the paper's models (SwiGLU, RMSNorm, no biases, no dropout).
     normalization: str = "RMSNorm"
     gated_linear_unit: bool = True

@@ -7,7 +7,7 @@ Parameters (full model, tensor-parallel size 1; d hidden, V padded vocabulary, W
 H/P/G/N the mixer's heads / head dim / groups / state dim, h/g/k the ``*`` layers' heads /
 query groups / head dim, F the FFN width):
 
-    embedding V*d + LM head V*d (untied) + final norm d + sum over layers of
+    embedding V*d + LM head V*d (none when tied) + final norm d + sum over layers of
       T, M  norm d + in_proj d*(2HP + 2GN + H) + conv (HP + 2GN)*(W + 1) + dt_bias, A_log, D 3H
             + grouped-norm weight HP + out_proj HP*d
       *     norm d + qkv d*(h + 2g)*k + proj h*k*d                      (+ biases if enabled)
@@ -86,17 +86,24 @@ def count_parameters(config: TransMambaConfig, vocab_size: int) -> int:
     under TP the trainer's printed count is one rank's share)."""
     d = config.hidden_size
     layers = sum(layer_parameters(config, s) for s in config.layer_pattern)
-    return 2 * vocab_size * d + d + layers
+    return vocabulary_parameters(config, vocab_size) + d + layers
+
+
+def vocabulary_parameters(config: TransMambaConfig, vocab_size: int) -> int:
+    """The input embedding and the LM head: two V x d matrices, or one when tied."""
+    matrices = 1 if config.share_embeddings_and_output_weights else 2
+    return matrices * vocab_size * config.hidden_size
 
 
 def non_embedding_parameters(config: TransMambaConfig, vocab_size: int) -> int:
-    """Parameters without the two vocabulary matrices (input embedding and LM head), as in
-    Kaplan et al.'s N."""
-    return count_parameters(config, vocab_size) - 2 * vocab_size * config.hidden_size
+    """Parameters without the vocabulary matrices (input embedding and LM head, one matrix
+    when tied), as in Kaplan et al.'s N."""
+    return count_parameters(config, vocab_size) - vocabulary_parameters(config, vocab_size)
 
 
 def matmul_parameters(config: TransMambaConfig, vocab_size: int) -> int:
-    """Weights that multiply every token's activations: the layers' projections and the LM head."""
+    """Weights that multiply every token's activations: the layers' projections and the LM head
+    (tied or not, the head is a d x V matmul)."""
     d = config.hidden_size
     total = d * vocab_size
     for symbol in config.layer_pattern:

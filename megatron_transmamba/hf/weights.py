@@ -8,7 +8,9 @@ weights made of components split every component on its own: the mixer's ``in_pr
 ``[gate | up]``; norms are replicated. ``merge_tensor_parallel`` and ``split_tensor_parallel``
 are exact inverses. ``to_hf`` / ``from_hf`` rename the full tensors to the Hugging Face model's
 names (``modeling_transmamba.py``), splitting megatron's fused QKV (grouped per query group:
-``[q heads of the group | k | v]``) and ``linear_fc1`` into separate projections.
+``[q heads of the group | k | v]``) and ``linear_fc1`` into separate projections. A model with
+``share_embeddings_and_output_weights`` has no ``output_layer.weight`` (and no ``lm_head.weight``
+on the Hugging Face side, which ties it to ``model.embed_tokens.weight``).
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def expected_megatron_keys(config: TransMambaConfig) -> list[str]:
         else:
             keys += [f"layers.{i}.pre_mlp_layernorm.weight", f"layers.{i}.mlp.linear_fc1.weight",
                      f"layers.{i}.mlp.linear_fc2.weight"]
-    return keys + ["final_norm.weight", "output_layer.weight"]
+    keys.append("final_norm.weight")
+    return keys if config.share_embeddings_and_output_weights else keys + ["output_layer.weight"]
 
 
 def extra_state_keys(config: TransMambaConfig) -> list[str]:
@@ -61,6 +64,8 @@ def extra_state_keys(config: TransMambaConfig) -> list[str]:
         module = key.rsplit(".", 1)[0]
         if module.endswith(_LINEAR_MODULES) or module == "output_layer":
             keys.append(f"{module}._extra_state")
+    if config.share_embeddings_and_output_weights:     # the LM head module is there, weightless
+        keys.append("output_layer._extra_state")
     return keys
 
 
@@ -149,8 +154,9 @@ def to_hf(full: dict, config: TransMambaConfig) -> dict[str, Tensor]:
     """Hugging Face tensors (``TransMambaForCausalLM``) from the full megatron tensors."""
     _check_keys("the full model weights", full, config)
     out = {"model.embed_tokens.weight": full["embedding.word_embeddings.weight"],
-           "model.norm.weight": full["final_norm.weight"],
-           "lm_head.weight": full["output_layer.weight"]}
+           "model.norm.weight": full["final_norm.weight"]}
+    if not config.share_embeddings_and_output_weights:
+        out["lm_head.weight"] = full["output_layer.weight"]
     for i, symbol in enumerate(config.layer_pattern):
         src, dst = f"layers.{i}.", f"model.layers.{i}."
         if symbol in "TM":
@@ -196,7 +202,15 @@ def from_hf(hf: dict, config: TransMambaConfig) -> dict[str, Tensor]:
             names[src + "mlp.down_proj.weight"] = dst + "mlp.linear_fc2.weight"
             names[src + "mlp.gate_proj.weight"] = names[src + "mlp.up_proj.weight"] = None
     names.update({"model.embed_tokens.weight": "embedding.word_embeddings.weight",
-                  "model.norm.weight": "final_norm.weight", "lm_head.weight": "output_layer.weight"})
+                  "model.norm.weight": "final_norm.weight"})
+    if not config.share_embeddings_and_output_weights:
+        names["lm_head.weight"] = "output_layer.weight"
+    elif "lm_head.weight" in hf:           # tied, but written under both names: must be one tensor
+        if "model.embed_tokens.weight" in hf and \
+                not torch.equal(hf["lm_head.weight"], hf["model.embed_tokens.weight"]):
+            raise ValueError("lm_head.weight differs from model.embed_tokens.weight, but the "
+                             "model ties them (share_embeddings_and_output_weights)")
+        hf = {k: v for k, v in hf.items() if k != "lm_head.weight"}
     if set(hf) != set(names):
         raise WeightMismatchError("the Hugging Face weights", set(names) - set(hf), set(hf) - set(names))
     full = {dst: hf[src].clone() for src, dst in names.items() if dst is not None}

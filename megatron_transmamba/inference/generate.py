@@ -181,7 +181,7 @@ def _prefill(model, input_ids: Tensor, cache: HybridCache) -> Tensor:
         else:
             hidden, _ = layer(hidden, attention_mask=None)
     cache.seen_tokens = length
-    logits, _ = model.output_layer(model.final_norm(hidden))
+    logits, _ = model.output_layer(model.final_norm(hidden), weight=model.output_weight())
     return logits.transpose(0, 1)
 
 
@@ -200,7 +200,8 @@ def _step(model, token: Tensor, cache: HybridCache) -> Tensor:
             out, _ = layer(hidden.transpose(0, 1), attention_mask=None)
             hidden = out.transpose(0, 1)
     cache.seen_tokens += 1
-    logits, _ = model.output_layer(model.final_norm(hidden).transpose(0, 1))
+    logits, _ = model.output_layer(model.final_norm(hidden).transpose(0, 1),
+                                   weight=model.output_weight())
     return logits.transpose(0, 1)
 
 

@@ -1,8 +1,8 @@
 """The TransMamba decoder-only language model (DESIGN section 3).
 
 embedding -> layers of the pattern (``T`` TransMamba, ``M`` Mamba-2, ``*`` attention, ``-``
-MLP, each a pre-norm residual block) -> final RMSNorm -> LM head. Activations are megatron's
-[S, B, d]. With labels, ``forward`` returns the per-token loss [B, S] from the vocab-parallel
+MLP, each a pre-norm residual block) -> final RMSNorm -> LM head (optionally tied to the
+embedding, ``share_embeddings_and_output_weights``). Activations are megatron's [S, B, d]. With labels, ``forward`` returns the per-token loss [B, S] from the vocab-parallel
 cross entropy; without, the logits [B, S, V / tp].
 
 Tensor / sequence parallelism (docs/parallelism.md): the model receives its process groups
@@ -27,7 +27,7 @@ from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
-from megatron.core.transformer.module import MegatronModule
+from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.utils import sharded_state_dict_default
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
@@ -43,8 +43,10 @@ from megatron_transmamba.parallel.cross_entropy import vocab_parallel_cross_entr
 from megatron_transmamba.parallel.initialize import model_process_groups
 
 
-class TransMambaLanguageModel(MegatronModule):
-    """Decoder-only LM whose layers follow ``config.layer_pattern``."""
+class TransMambaLanguageModel(LanguageModule):
+    """Decoder-only LM whose layers follow ``config.layer_pattern``. It is a megatron-core
+    ``LanguageModule`` for the tied embedding and LM head (``shared_embedding_or_output_weight``,
+    the embedding group, the tied checkpoint entry), which finalize_model_grads expects."""
 
     def __init__(self, config: TransMambaConfig, vocab_size: int,
                  use_transformer_engine: bool = False, pg_collection=None,
@@ -63,21 +65,28 @@ class TransMambaLanguageModel(MegatronModule):
         ``vp_stage``: this chunk's index on its rank under interleaved pipelining.
         ``recompute``: full activation recomputation; each layer keeps only its input and
         runs its forward again during backward (torch.utils.checkpoint). It restores torch's
-        RNG but not megatron's tensor-parallel RNG tracker, so it refuses dropout."""
-        super().__init__(config)
+        RNG but not megatron's tensor-parallel RNG tracker, so it refuses dropout.
+
+        ``config.share_embeddings_and_output_weights``: the LM head multiplies by the embedding
+        matrix. A last stage without the embedding holds a copy, started equal to it (drawn from
+        the embedding's seed, then copied over the embedding group) and marked ``shared``: the
+        optimizer leaves it out of the gradient norm, finalize_model_grads all-reduces the two
+        copies' gradients, and the checkpoint stores it as the embedding."""
+        pg_collection = pg_collection if pg_collection is not None else model_process_groups()
+        super().__init__(config, pg_collection=pg_collection)
         self.config = config
         self.use_transformer_engine = use_transformer_engine
         self.model_type = ModelType.encoder_or_decoder   # read by megatron-core's schedules
         self.vocab_size = vocab_size
         self.pre_process, self.post_process = pre_process, post_process
-        self.share_embeddings_and_output_weights = False  # read by finalize_model_grads
+        self.share_embeddings_and_output_weights = config.share_embeddings_and_output_weights
+        self.vp_stage = vp_stage
         self.layer_range = layer_range if layer_range is not None else range(config.num_layers)
         self.input_tensor = None
         if recompute and (config.hidden_dropout or config.attention_dropout):
             raise ValueError("activation recomputation (training.recompute='full') needs "
                              "hidden_dropout = attention_dropout = 0")
         self.recompute = recompute
-        self.pg_collection = pg_collection if pg_collection is not None else model_process_groups()
         self.tp_group = tp_group = self.pg_collection.tp
         _check_tensor_parallel_group(config, vocab_size, get_pg_size(tp_group))
 
@@ -115,13 +124,60 @@ class TransMambaLanguageModel(MegatronModule):
         self.layers = nn.ModuleList(layers)
         if post_process:
             self.final_norm = RMSNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
-            with seeded(1 + config.num_layers):
+            tied = self.share_embeddings_and_output_weights
+            # tied: no weight of its own next to the embedding; a later stage's copy is drawn as
+            # the embedding is (its seed and init method), so it starts equal to it
+            with seeded(0 if tied else 1 + config.num_layers):
                 self.output_layer = tensor_parallel.ColumnParallelLinear(
-                    config.hidden_size, vocab_size, config=config, init_method=config.init_method,
-                    bias=False, gather_output=False, skip_bias_add=False, tp_group=tp_group)
+                    config.hidden_size, vocab_size, config=config,
+                    init_method=config.embedding_init_method if tied else config.init_method,
+                    bias=False, gather_output=False, skip_bias_add=False, tp_group=tp_group,
+                    skip_weight_param_allocation=tied and pre_process)
         self.attention_rope_dim = config.kv_channels if "*" in config.layer_pattern else None
         self.mixer_rope_dim = (config.mamba_state_dim if config.uses_mixer
                                and config.mixer_position_embedding == "rope" else None)
+        self.setup_embeddings_and_output_layer()
+
+    def _set_attention_backend(self) -> None:
+        """LanguageModule sets Transformer Engine's NVTE_*_ATTN variables here; our '*' layers
+        pick their attention in models/specs.py, so nothing is set."""
+
+    def setup_embeddings_and_output_layer(self) -> None:
+        """megatron-core's LanguageModule method, with the stage read from pre_process /
+        post_process and the weight kept on its device (megatron-core moves it to CUDA, which
+        gloo on CPU cannot): mark the embedding and LM head weights, and with tied weights on
+        two stages copy the embedding into the last stage's weight (zeros + all-reduce over the
+        embedding group of the first and last stage; exact)."""
+        if self.pre_process:
+            self.embedding.word_embeddings.weight.is_embedding_or_output_parameter = True
+        if self.post_process and self.output_layer.weight is not None:
+            self.output_layer.weight.is_embedding_or_output_parameter = True
+        if not self.share_embeddings_and_output_weights:
+            return
+        weight = self.shared_embedding_or_output_weight()
+        if self.pre_process and self.post_process:
+            weight.zero_out_wgrad = True             # one parameter used twice (megatron's mark)
+            return
+        if not (self.pre_process or self.post_process):
+            return
+        weight.shared_embedding = True                # own DDP bucket; embedding-group all-reduce
+        if self.post_process:
+            weight.shared = True                      # not counted twice (grad norm, parameters)
+        if get_pg_size(self.embd_group) > 1 and self._is_in_embd_group():
+            with torch.no_grad():
+                if self.post_process:
+                    weight.zero_()
+                buffer = weight.data   # CPU-initialised weights meet NCCL on the GPU
+                if torch.distributed.get_backend(self.embd_group) == "nccl":
+                    buffer = buffer.cuda()
+                torch.distributed.all_reduce(buffer, group=self.embd_group)
+                weight.data.copy_(buffer)
+
+    def output_weight(self) -> Optional[Tensor]:
+        """The weight the LM head multiplies by: the embedding's when tied, else its own (None)."""
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return None
 
     def set_input_tensor(self, input_tensor) -> None:
         """megatron-core's schedules hand a pipeline stage its input activations [S, B, d]
@@ -171,7 +227,7 @@ class TransMambaLanguageModel(MegatronModule):
         if not self.post_process:
             return hidden
         hidden = self.final_norm(hidden)                            # [S/tp, B, d] under SP
-        logits, _ = self.output_layer(hidden)                       # [S, B, V/tp] (SP: gathered)
+        logits, _ = self.output_layer(hidden, weight=self.output_weight())   # [S, B, V/tp]
         if labels is None:
             return logits.transpose(0, 1).contiguous()
         loss = vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous(),
@@ -197,6 +253,11 @@ class TransMambaLanguageModel(MegatronModule):
                 replace_prefix_for_sharding(layer_state, local,
                                             f"{prefix}layers.{layer.layer_number - 1}.")
                 sharded.update(layer_state)
+        if self.share_embeddings_and_output_weights:
+            # a last stage's copy is stored as a replica of the embedding: one tensor on disk
+            self.tie_embeddings_and_output_weights_state_dict(
+                sharded, f"{prefix}output_layer.weight", f"{prefix}embedding.word_embeddings.weight",
+                metadata)
         return sharded
 
 
@@ -220,6 +281,7 @@ def _check_tensor_parallel_group(config: TransMambaConfig, vocab_size: int, tp_s
 
 def count_parameters(model: nn.Module, tp_size: int = 1) -> int:
     """Parameters of the whole model when ``model`` is one tensor-parallel rank's part: the
-    tensor-parallel ones (split evenly) count tp_size times, the replicated ones once."""
+    tensor-parallel ones (split evenly) count tp_size times, the replicated ones once. A tied
+    embedding counts once: one parameter on one stage, and a last stage's copy is ``shared``."""
     return sum(p.numel() * (tp_size if getattr(p, "tensor_model_parallel", False) else 1)
-               for p in model.parameters())
+               for p in model.parameters() if not getattr(p, "shared", False))

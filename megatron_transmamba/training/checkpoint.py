@@ -364,6 +364,50 @@ def _init_optimizer_state(optimizer) -> None:
                                           "exp_avg_sq": torch.zeros_like(param)}
 
 
+def _optimizer_sharded_state(optimizer, model: dict, is_loading: bool) -> dict:
+    """``optimizer.sharded_state_dict`` in the fully_reshardable form, with megatron-core 0.16's
+    slicing corrected: ``sharded_param_state_fully_reshardable`` cuts each parameter's state
+    out of ``get_parameter_state_dp_zero``'s tensors at its offset in the DDP buffer
+    (``param_index_map``), but those tensors leave out the padding between buckets, so every
+    parameter after the first bucket would be saved shifted (wrong Adam moments and main
+    weights on resume). This puts the padding back while the state dict is built. A chunk has
+    several buckets with overlap_grad_reduce above 40M parameters, and a tied embedding at
+    PP > 1 always has its own bucket (``shared_embedding``)."""
+    patched = []
+    for o in _optimizers(optimizer):
+        if _is_distributed(o):
+            o.get_parameter_state_dp_zero = partial(_bucket_padded_state, o,
+                                                    o.get_parameter_state_dp_zero)
+            patched.append(o)
+    try:
+        return optimizer.sharded_state_dict(model, is_loading=is_loading,
+                                            metadata=_OPTIMIZER_METADATA)
+    finally:
+        for o in patched:
+            del o.get_parameter_state_dp_zero            # the class's method again
+
+
+def _bucket_padded_state(o, get_state, *args, **kwargs):
+    """``get_parameter_state_dp_zero``'s state with each buffer's tensors laid out as the
+    buffer is: bucket b's values at ``bucket.offset``, zeros in the padding."""
+    state = get_state(*args, **kwargs)
+    if state is None:
+        return None
+    for index, buffer in enumerate(o.buffers):
+        for world in state[index].values():
+            for key in ("param", "exp_avg", "exp_avg_sq"):
+                if key not in world:
+                    continue
+                padded = torch.zeros(buffer.numel, dtype=world[key].dtype)
+                start = 0                                  # in the unpadded tensor
+                for bucket in buffer.buckets:
+                    padded[bucket.offset:bucket.offset + bucket.numel_unpadded] = \
+                        world[key][start:start + bucket.numel_unpadded]
+                    start += bucket.numel_unpadded
+                world[key] = padded
+    return state
+
+
 def _load_optimizer(optimizer, state) -> None:
     optimizers = _optimizers(optimizer)
     states = [state] if len(optimizers) == 1 else [state[i] for i in range(len(optimizers))]
@@ -447,8 +491,7 @@ class Checkpointer:
         _barrier()
         model = self._model_state(chunks)
         state = {**model,
-                 "optimizer": optimizer.sharded_state_dict(model, is_loading=False,
-                                                           metadata=_OPTIMIZER_METADATA),
+                 "optimizer": _optimizer_sharded_state(optimizer, model, is_loading=False),
                  "rng_state": self._rng_object(rng_state()),
                  "scheduler": scheduler.state_dict(),
                  "train_state": {"step": step, "consumed_samples": consumed_samples},
@@ -590,8 +633,7 @@ class Checkpointer:
         state = dict(model)
         if not model_only:
             _init_optimizer_state(optimizer)
-            state["optimizer"] = optimizer.sharded_state_dict(model, is_loading=True,
-                                                              metadata=_OPTIMIZER_METADATA)
+            state["optimizer"] = _optimizer_sharded_state(optimizer, model, is_loading=True)
             if same_layout:
                 state["rng_state"] = self._rng_object(None)
             else:

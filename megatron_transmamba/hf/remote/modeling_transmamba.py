@@ -403,6 +403,9 @@ class TransMambaModel(TransMambaPreTrainedModel):
 
 
 class TransMambaForCausalLM(TransMambaPreTrainedModel, GenerationMixin):
+    # with config.tie_word_embeddings the LM head is the embedding matrix (saved once)
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
     def __init__(self, config):
         super().__init__(config)
         self.model = TransMambaModel(config)
@@ -414,6 +417,12 @@ class TransMambaForCausalLM(TransMambaPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None,
                                       attention_mask=None, use_cache=True, **kwargs):
