@@ -1,12 +1,15 @@
 """Fused causal depthwise conv1d + bias + SiLU over [B, T, C] (Triton), forward and backward.
 
 Same function as ``naive.causal_conv1d_silu_naive`` without the channels-first copies: one
-program reads a [BLOCK_T + W - 1, BLOCK_C] window of the input once and writes its outputs.
-The backward recomputes the pre-activation, returns the input gradient (the transposed
-convolution of the SiLU-scaled output gradient) and per-program partial sums of the weight and
-bias gradients, added in PyTorch. With packed documents (``seq_idx`` [B, T]) a tap whose token
-lies in another document than the output token reads zero, forward and backward (the
-``HAS_SEQ`` specialisation; without it the kernels are unchanged).
+forward program reads a [BLOCK_T + W - 1, BLOCK_C] window of the input and writes its outputs.
+The backward program loads a tile of x and of the output gradient once, recomputes the
+pre-activation once per row, forms g = dout * SiLU'(pre), and gets the input gradient as the
+transposed convolution of g (dx[s] = sum_k w[W-1-k] g[s+k]) from row-shifted copies of the tile
+in registers; the weight and bias gradients are summed in registers over the program's tiles and
+written as one float32 partial per program, added in PyTorch. With packed documents
+(``seq_idx`` [B, T]) a tap whose token lies in another document than the output token reads
+zero, forward and backward (the ``HAS_SEQ`` specialisation; without it the kernels are
+unchanged).
 """
 
 from __future__ import annotations
@@ -45,64 +48,119 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, out_ptr, T, C, stride_b, stri
 
 @triton.jit
 def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, T, C,
-                     stride_b, stride_t, W: tl.constexpr, BLOCK_T: tl.constexpr,
-                     BLOCK_C: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """dx[s] = sum_j w[j] g[s + (W-1) - j] with g = dout * SiLU'(pre); partial dw, db. With
-    seq_idx only pairs (s, t) of the same document contribute."""
+                     stride_b, stride_t, num_tiles, tiles_per_program, W: tl.constexpr,
+                     W_POW2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                     HAS_SEQ: tl.constexpr, GATHER_X: tl.constexpr):
+    """One program: a BLOCK_C channel slice of tiles_per_program consecutive row tiles.
+
+    A tile holds rows u = s0 - (W-1) + r, r < BLOCK_T, and owns the STEP = BLOCK_T - 2(W-1)
+    positions s0 .. s0 + STEP - 1 (rows r = W-1 .. W-2+STEP): their dx, and the dweight / dbias
+    terms of the outputs there. g = dout * SiLU'(pre) is needed on rows W-1 .. BLOCK_T-1
+    (the owned ones and the W-1 after them), pre on the same rows from the W-1 rows before.
+    Row shifts of the loaded tiles are register gathers (``tl.gather``), so x and dout are read
+    once per tile (plus the 2(W-1) overlap rows with the neighbouring tiles); with
+    ``GATHER_X=False`` the x shifts are shifted loads instead (L1 hits, as in the forward).
+    With ``seq_idx`` a pair (output t, input s) contributes only inside one document.
+    """
     pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    STEP: tl.constexpr = BLOCK_T - 2 * (W - 1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = c < C
+    r = tl.arange(0, BLOCK_T)
+    taps = tl.arange(0, W_POW2)
     bias = tl.load(b_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
-    s = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)           # input positions this program owns
-    dx = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-    program = (b * tl.num_programs(0) + pid_t)
+    zero_idx = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.int32)
+    own = (r >= W - 1) & (r < W - 1 + STEP)
+    dw = tl.zeros([W_POW2, BLOCK_C], dtype=tl.float32)
     db = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_SEQ:
-        doc_s = tl.load(seq_ptr + b * T + s, mask=s < T, other=-1)
-    for k in tl.static_range(W):
-        # g at output positions t = s + k, which read input s through tap j = W - 1 - k
-        t = s + k
-        valid_t = (t < T)[:, None] & mask_c[None, :]
-        pre = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32) + bias[None, :]
+    first = pid_t * tiles_per_program
+    for tile in range(first, tl.minimum(first + tiles_per_program, num_tiles)):
+        u = tile * STEP - (W - 1) + r
+        in_seq = (u >= 0) & (u < T)
+        mask = in_seq[:, None] & mask_c[None, :]
+        x_tile = tl.load(x_ptr + b * stride_b + u[:, None] * stride_t + c[None, :], mask=mask,
+                         other=0.0)
+        dout = tl.load(dout_ptr + (b * T + u[:, None]) * C + c[None, :],
+                       mask=mask & (r >= W - 1)[:, None], other=0.0)
         if HAS_SEQ:
-            doc_t = tl.load(seq_ptr + b * T + t, mask=t < T, other=-1)
+            doc = tl.load(seq_ptr + b * T + u, mask=in_seq, other=-1)
+        # pre-activation of every row from W-1 on: tap j reads the row W-1-j earlier
+        pre = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32) + bias[None, :]
         for j in tl.static_range(W):
-            src = t - (W - 1) + j
-            read = (src >= 0) & (src < T)
-            if HAS_SEQ:
-                read = read & (tl.load(seq_ptr + b * T + src, mask=read, other=-1) == doc_t)
-            xv = tl.load(x_ptr + b * stride_b + src[:, None] * stride_t + c[None, :],
-                         mask=read[:, None] & mask_c[None, :], other=0.0)
-            wj = tl.load(w_ptr + c * W + j, mask=mask_c, other=0.0).to(tl.float32)
-            pre += xv.to(tl.float32) * wj[None, :]
-        sig = tl.sigmoid(pre)
-        dout = tl.load(dout_ptr + (b * T + t[:, None]) * C + c[None, :], mask=valid_t, other=0.0)
-        g = dout.to(tl.float32) * sig * (1.0 + pre * (1.0 - sig))
-        g = tl.where(valid_t, g, 0.0)
-        wk = tl.load(w_ptr + c * W + (W - 1 - k), mask=mask_c, other=0.0).to(tl.float32)
-        if HAS_SEQ:  # output t reads input s only inside one document
-            g_s = tl.where((doc_t == doc_s)[:, None], g, 0.0)
-            dx += g_s * wk[None, :]
-        else:
-            dx += g * wk[None, :]
-        if k == 0:
-            # each output position t = s is visited once (k = 0): bias and weight gradients
-            db += tl.sum(g, axis=0)
-            for j in tl.static_range(W):
-                src = s - (W - 1) + j
-                read = (src >= 0) & (src < T)
+            back: tl.constexpr = W - 1 - j
+            if back == 0:
+                xs = x_tile.to(tl.float32)
+            else:
+                src = u - back
+                if GATHER_X:
+                    xs = tl.gather(x_tile, tl.maximum(r - back, 0)[:, None] + zero_idx, 0)
+                else:
+                    xs = tl.load(x_ptr + b * stride_b + src[:, None] * stride_t + c[None, :],
+                                 mask=((src >= 0) & (src < T))[:, None] & mask_c[None, :],
+                                 other=0.0)
+                xs = xs.to(tl.float32)
                 if HAS_SEQ:
-                    read = read & (tl.load(seq_ptr + b * T + src, mask=read, other=-1) == doc_s)
-                xv = tl.load(x_ptr + b * stride_b + src[:, None] * stride_t + c[None, :],
-                             mask=read[:, None] & mask_c[None, :], other=0.0)
-                tl.store(dw_ptr + (program * W + j) * C + c, tl.sum(g * xv.to(tl.float32), axis=0),
-                         mask=mask_c)
+                    doc_src = tl.load(seq_ptr + b * T + src, mask=(src >= 0) & (src < T), other=-1)
+                    xs = tl.where((doc_src == doc)[:, None], xs, 0.0)
+            wj = tl.load(w_ptr + c * W + j, mask=mask_c, other=0.0).to(tl.float32)
+            pre += xs * wj[None, :]
+        sig = tl.sigmoid(pre)
+        g = dout.to(tl.float32) * sig * (1.0 + pre * (1.0 - sig))    # zero where dout was not read
+        db += tl.sum(tl.where(own[:, None], g, 0.0), axis=0)
+        x_f = x_tile.to(tl.float32)
+        dx = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        for k in tl.static_range(W):
+            # output u + k reads input u through tap W-1-k: dx[u] += w[W-1-k] g[u+k], and
+            # dweight[W-1-k] += g[u+k] x[u] when u + k is an owned output
+            if k == 0:
+                gk = g
+            else:
+                gk = tl.gather(g, tl.minimum(r + k, BLOCK_T - 1)[:, None] + zero_idx, 0)
+                if HAS_SEQ:
+                    doc_dst = tl.load(seq_ptr + b * T + u + k, mask=(u + k >= 0) & (u + k < T),
+                                      other=-2)
+                    gk = tl.where((doc_dst == doc)[:, None], gk, 0.0)
+            wk = tl.load(w_ptr + c * W + (W - 1 - k), mask=mask_c, other=0.0).to(tl.float32)
+            dx += gk * wk[None, :]
+            dst_owned = (r + k >= W - 1) & (r + k < W - 1 + STEP)
+            dw_k = tl.sum(tl.where(dst_owned[:, None], gk * x_f, 0.0), axis=0)
+            dw += tl.where((taps == W - 1 - k)[:, None], dw_k[None, :], 0.0)
+        tl.store(dx_ptr + (b * T + u[:, None]) * C + c[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=own[:, None] & mask)
+    program = b * tl.num_programs(0) + pid_t
+    tl.store(dw_ptr + (program * W + taps[:, None]) * C + c[None, :], dw,
+             mask=(taps < W)[:, None] & mask_c[None, :])
     tl.store(db_ptr + program * C + c, db, mask=mask_c)
-    tl.store(dx_ptr + (b * T + s[:, None]) * C + c[None, :], dx.to(dx_ptr.dtype.element_ty),
-             mask=(s[:, None] < T) & mask_c[None, :])
 
 
 _BLOCK_T, _BLOCK_C = 32, 64
+# Backward tiling (tools/bench/bench_fused_ops.py times the alternatives on the GPU).
+# TODO(#3): keep one of gather_x True / False once the GPU has measured both.
+_BWD = dict(block_t=64, block_c=64, tiles_per_program=16, num_warps=4, gather_x=True)
+
+
+def _conv_bwd(x, w, seq_idx, dout, bias):
+    """dx [B, T, C] in x's dtype, dweight [C, W] and dbias [C] in float32."""
+    batch, T, C = x.shape
+    W = w.shape[-1]
+    cfg = _BWD
+    block_t = max(cfg["block_t"], triton.next_power_of_2(2 * W))   # a tile owns >= 2 rows
+    step = block_t - 2 * (W - 1)
+    num_tiles = triton.cdiv(T, step)
+    tiles_per_program = max(1, min(cfg["tiles_per_program"], num_tiles))
+    blocks_t = triton.cdiv(num_tiles, tiles_per_program)
+    dx = torch.empty(batch, T, C, dtype=x.dtype, device=x.device)
+    # one fp32 partial per program (deterministic, unlike atomics): blocks_t * B * (W + 1) * C,
+    # about 9 MB at [8, 8192, 6144]
+    dw = torch.empty(batch * blocks_t, W, C, dtype=torch.float32, device=x.device)
+    db = torch.empty(batch * blocks_t, C, dtype=torch.float32, device=x.device)
+    grid = (blocks_t, triton.cdiv(C, cfg["block_c"]), batch)
+    _conv_bwd_kernel[grid](x, w, bias, seq_idx if seq_idx is not None else bias, dout, dx, dw, db,
+                           T, C, x.stride(0), x.stride(1), num_tiles, tiles_per_program, W=W,
+                           W_POW2=triton.next_power_of_2(W), BLOCK_T=block_t,
+                           BLOCK_C=cfg["block_c"], HAS_SEQ=seq_idx is not None,
+                           GATHER_X=cfg["gather_x"], num_warps=cfg["num_warps"])
+    return dx, dw.sum(0).t(), db.sum(0)
 
 
 class _CausalConvSiLU(torch.autograd.Function):
@@ -123,20 +181,8 @@ class _CausalConvSiLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, w, bias, seq_idx = ctx.saved_tensors
-        batch, T, C = x.shape
-        W = w.shape[-1]
-        dout = dout.contiguous()
-        blocks_t = triton.cdiv(T, _BLOCK_T)
-        programs = batch * blocks_t
-        dx = torch.empty(batch, T, C, dtype=x.dtype, device=x.device)
-        dw = torch.empty(programs, W, C, dtype=torch.float32, device=x.device)
-        db = torch.empty(programs, C, dtype=torch.float32, device=x.device)
-        grid = (blocks_t, triton.cdiv(C, _BLOCK_C), batch)
-        _conv_bwd_kernel[grid](x, w, bias, seq_idx if seq_idx is not None else bias, dout, dx, dw,
-                               db, T, C, x.stride(0), x.stride(1), W=W, BLOCK_T=_BLOCK_T,
-                               BLOCK_C=_BLOCK_C, HAS_SEQ=seq_idx is not None)
-        dweight = dw.sum(0).t().reshape(ctx.weight_shape).to(w.dtype)
-        return dx, dweight, db.sum(0).to(bias.dtype), None
+        dx, dw, db = _conv_bwd(x, w, seq_idx, dout.contiguous(), bias)
+        return dx, dw.reshape(ctx.weight_shape).to(w.dtype), db.to(bias.dtype), None
 
 
 def causal_conv1d_silu_triton(x, weight, bias, seq_idx=None):

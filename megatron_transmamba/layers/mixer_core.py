@@ -100,7 +100,8 @@ def transmamba_core_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tenso
                            rotary: Optional[RotaryFn] = None,
                            documents: Optional[PackedDocuments] = None) -> Tensor:
     """Same as ``transmamba_core_torch``; the SSM runs in the Triton SSD over the whole sequence
-    with outputs only from p on, so the Memory Converter is fused into its state passing."""
+    with outputs only from p on, so the Memory Converter is fused into its state passing, and
+    the attention rows are written into the SSD's output buffer (``_SplicedCore``)."""
     from transmamba_kernels.ssd.chunk import chunk_ssd_triton
 
     if documents is not None:
@@ -108,11 +109,70 @@ def transmamba_core_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tenso
                                    rotary, documents)
     seq_len = x.shape[1]
     p = max(0, min(int(transpoint), seq_len))
-    y = chunk_ssd_triton(x, dt, A, B, C, chunk_size, D=D, transpoint=p) if p < seq_len else None
     if p == 0:
-        return y
-    attention = prefix_attention(x, B, C, p, softmax_scale, rotary)
-    return attention if y is None else torch.cat([attention, y[:, p:]], dim=1)
+        return chunk_ssd_triton(x, dt, A, B, C, chunk_size, D=D)
+    if p == seq_len:
+        return _attention(x, B, C, softmax_scale, rotary)
+    inputs = (x, dt, A, B, C, D)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _SplicedCore.apply(*inputs, p, chunk_size, softmax_scale, rotary)
+    y = chunk_ssd_triton(x, dt, A, B, C, chunk_size, D=D, transpoint=p)
+    y[:, :p] = _attention(x[:, :p], B[:, :p], C[:, :p], softmax_scale, rotary)
+    return y
+
+
+def _attention(x: Tensor, B: Tensor, C: Tensor, softmax_scale: float,
+               rotary: Optional[RotaryFn]) -> Tensor:
+    """``prefix_attention`` on tensors already cut to the prefix: [B, p, ...] -> [B, p, H, P]."""
+    q, k = (C, B) if rotary is None else (rotary(C), rotary(B))
+    return grouped_attention(q, k, x, softmax_scale)
+
+
+class _SplicedCore(torch.autograd.Function):
+    """The core at 0 < p < T without whole-tensor copies (TransPoint-aware, like the SSD).
+
+    Forward: the Triton SSD writes [B, T, H, P] with rows [0, p) zero, and the attention output
+    is copied into those rows (p rows, where ``torch.cat`` copied T). Backward: the SSD gets the
+    whole output gradient (it never reads rows before p: they are constant zeros), attention
+    gets a view of rows [0, p), and attention's x, B, C gradients are added into the prefix rows
+    of the SSD's (where slicing would zero-pad each to T rows and sum two T-row tensors). Both
+    segments keep their own autograd graphs, built in forward on detached inputs and run by
+    ``torch.autograd.grad`` in backward; ``rotary`` must not need gradients (RoPE tables do not).
+    """
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, p, chunk_size, softmax_scale, rotary):
+        from transmamba_kernels.ssd.chunk import chunk_ssd_triton
+
+        needs = ctx.needs_input_grad
+        with torch.enable_grad():
+            ssd_in = [t.detach().requires_grad_(need) for t, need in zip((x, dt, A, B, C, D), needs)]
+            y = chunk_ssd_triton(*ssd_in[:5], chunk_size, D=ssd_in[5], transpoint=p)
+            prefix_in = [t[:, :p].detach().requires_grad_(need)
+                         for t, need in ((x, needs[0]), (B, needs[3]), (C, needs[4]))]
+            attention = _attention(*prefix_in, softmax_scale, rotary)
+        out = y.detach()                                      # the same buffer
+        out[:, :p] = attention.detach()
+        ctx.p, ctx.graphs = p, (y, ssd_in, attention, prefix_in)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, ssd_in, attention, prefix_in = ctx.graphs
+        del ctx.graphs                                        # free both graphs after use
+        grads = _grad(y, ssd_in, dout)
+        prefix_grads = _grad(attention, prefix_in, dout[:, :ctx.p].to(attention.dtype))
+        for full, prefix in zip((grads[0], grads[3], grads[4]), prefix_grads):
+            if prefix is not None:
+                full[:, :ctx.p] += prefix
+        return (*grads, None, None, None, None)
+
+
+def _grad(output: Tensor, inputs: list, grad_output: Tensor) -> list:
+    """torch.autograd.grad for the inputs that require it (None for the others)."""
+    wanted = [t for t in inputs if t.requires_grad]
+    found = iter(torch.autograd.grad(output, wanted, grad_output) if wanted else ())
+    return [next(found) if t.requires_grad else None for t in inputs]
 
 
 def _core_triton_packed(x, dt, A, B, C, D, transpoint, chunk_size, softmax_scale, rotary,
@@ -165,13 +225,9 @@ def gated_rmsnorm_triton(y: Tensor, z: Tensor, weight: Tensor, groups: int, eps:
                          transpoint: int, documents: Optional[PackedDocuments] = None) -> Tensor:
     from transmamba_kernels.norm.gated_rmsnorm import gated_rmsnorm_triton as fused
 
-    if documents is None:
-        return fused(y, z, weight, groups, eps, transpoint)
-    # TODO(#3): a per-token gate in the fused norm would save this pass. The gate is applied
-    # here (float32 math, as in the kernel) and the kernel normalises without it.
-    gate = (documents.position_ids >= transpoint)[:, :, None]
-    gated = torch.where(gate, y.float() * F.silu(z.float()), y.float()).to(y.dtype)
-    return fused(gated, z, weight, groups, eps, y.shape[1])
+    # packed documents: the kernel gates by each token's position in its document
+    position_ids = documents.position_ids if documents is not None else None
+    return fused(y, z, weight, groups, eps, transpoint, position_ids=position_ids)
 
 
 def causal_conv1d_silu_triton(x: Tensor, weight: Tensor, bias: Tensor,

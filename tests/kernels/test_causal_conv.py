@@ -1,4 +1,10 @@
-"""Fused causal depthwise conv + SiLU (Triton, CPU interpreter) against its float64 reference."""
+"""Fused causal depthwise conv + SiLU (Triton, CPU interpreter) against its float64 reference.
+
+The backward runs at its default tiling and at small tiles (several row tiles per program,
+several programs per row and channel blocks that do not divide C), with its x row shifts as
+register gathers or as shifted loads. New buffers in the kernel module are filled with NaN, so
+a skipped write fails.
+"""
 
 import pytest
 import torch
@@ -6,30 +12,65 @@ import torch
 pytest.importorskip("triton")
 
 from helpers import assert_close  # noqa: E402
+from transmamba_kernels.conv import causal_conv as conv_module  # noqa: E402
 from transmamba_kernels.conv.causal_conv import causal_conv1d_silu_triton  # noqa: E402
 from transmamba_kernels.conv.naive import causal_conv1d_silu_naive  # noqa: E402
 
+BWD_TILINGS = {
+    "default": dict(conv_module._BWD),
+    "small": dict(block_t=16, block_c=16, tiles_per_program=2, num_warps=4, gather_x=True),
+    "small-loads": dict(block_t=16, block_c=16, tiles_per_program=2, num_warps=4, gather_x=False),
+}
 
-@pytest.mark.parametrize("T,C,W", [(1, 8, 4), (37, 70, 4), (64, 16, 2), (5, 3, 4)])
+
+@pytest.fixture(autouse=True)
+def nan_filled_buffers(monkeypatch):
+    """torch.empty in the kernel module returns NaN-filled tensors."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    fake = type("torch_with_nan_empty", (), {})()
+    for name in dir(torch):
+        if not name.startswith("__"):
+            try:
+                setattr(fake, name, getattr(torch, name))
+            except Exception:
+                pass
+    fake.empty = empty
+    monkeypatch.setattr(conv_module, "torch", fake)
+
+
+@pytest.fixture(params=list(BWD_TILINGS))
+def bwd_tiling(request, monkeypatch):
+    monkeypatch.setattr(conv_module, "_BWD", BWD_TILINGS[request.param])
+    return request.param
+
+
+@pytest.mark.parametrize("T,C,W", [(1, 8, 4), (3, 8, 4), (37, 70, 4), (64, 16, 2), (5, 3, 4),
+                                   (23, 20, 3)])
 @pytest.mark.parametrize("dtype,ratio", [(torch.float32, 1e-6), (torch.float16, 2e-3)])
-def test_forward_backward_match_reference(T, C, W, dtype, ratio):
+def test_forward_backward_match_reference(T, C, W, dtype, ratio, bwd_tiling):
+    """T < W, T not a multiple of a tile's rows, C not a multiple of the channel block, odd W."""
     g = torch.Generator().manual_seed(0)
-    wide = torch.randn(2, T, C + 5, generator=g).to(dtype)
+    wide = torch.randn(2, T, C + 5, generator=g).to(dtype).requires_grad_(True)
     x = wide[..., 2:2 + C]                        # a strided view, as the mixer passes it
-    weight = torch.randn(C, 1, W, generator=g) * 0.5
-    bias = torch.randn(C, generator=g) * 0.1
-    leaves = [x.detach().clone().requires_grad_(True), weight.clone().requires_grad_(True),
-              bias.clone().requires_grad_(True)]
+    weight = torch.randn(C, 1, W, generator=g).mul(0.5).requires_grad_(True)
+    bias = torch.randn(C, generator=g).mul(0.1).requires_grad_(True)
     ref_leaves = [t.detach().double().requires_grad_(True) for t in (x, weight, bias)]
-    out = causal_conv1d_silu_triton(leaves[0][..., :], leaves[1], leaves[2])
+    out = causal_conv1d_silu_triton(x, weight, bias)
     ref = causal_conv1d_silu_naive(*ref_leaves)
     assert out.dtype == dtype
     assert_close("out", ref, out.double(), ratio)
     dout = torch.randn(out.shape, generator=g)
     (out.float() * dout).sum().backward()
     (ref * dout.double()).sum().backward()
-    for name, a, b in zip(("dx", "dweight", "dbias"), leaves, ref_leaves):
-        assert_close(name, b.grad, a.grad.double(), ratio * 2)
+    grads = (wide.grad[..., 2:2 + C], weight.grad, bias.grad)
+    for name, a, b in zip(("dx", "dweight", "dbias"), grads, ref_leaves):
+        assert_close(name, b.grad, a.double(), ratio * 2)
+    assert wide.grad[..., :2].abs().max() == 0 and wide.grad[..., 2 + C:].abs().max() == 0
 
 
 def test_strided_input_is_read_in_place():
@@ -58,9 +99,10 @@ def test_naive_seq_idx_convolves_each_document_alone():
 
 
 @pytest.mark.parametrize("dtype,ratio", [(torch.float32, 1e-6), (torch.float16, 2e-3)])
-def test_seq_idx_forward_backward_match_reference(dtype, ratio):
-    """Two rows with documents of 1, 2, 3 and 40 tokens (a boundary inside and at the edge
-    of a 32-token block) against the float64 reference, forward and backward."""
+def test_seq_idx_forward_backward_match_reference(dtype, ratio, bwd_tiling):
+    """Two rows with documents of 1, 2, 3, 11, 31 and 40 tokens (boundaries inside and at the
+    edges of the forward's 32-token blocks and of the backward's tiles) against the float64
+    reference, forward and backward."""
     g = torch.Generator().manual_seed(2)
     T, C, W = 45, 70, 4
     seq_idx = torch.cat([_documents([1, 2, 40, 2]), _documents([3, 31, 11]) + 4])

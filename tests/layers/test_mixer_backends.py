@@ -42,3 +42,38 @@ def test_triton_backend_equals_torch_backend(T, p):
             assert b is None or b.abs().max() == 0, name
             continue
         assert_close(f"d{name}", a, b, 1e-5)
+
+
+@pytest.mark.parametrize("p, needs_grad", [(0, "all"), (1, "all"), (9, "all"), (16, "x"),
+                                            (36, "BC"), (37, "all"), (9, "none"), (9, "x"),
+                                            (9, "BC")])
+def test_triton_core_splice_equals_torch_core(p, needs_grad):
+    """The triton core writes the prefix attention into the SSD's output buffer and splits the
+    gradient without copies (``_SplicedCore``): outputs and the gradients of the inputs that
+    need one equal the torch reference core, also when only some inputs need gradients and
+    without autograd."""
+    from megatron_transmamba.layers.mixer_core import transmamba_core_torch, transmamba_core_triton
+    from functools import partial
+    from megatron_transmamba.layers.rotary import apply_rope
+    torch.manual_seed(p)
+    T, H, G, P, N = 37, 4, 2, 8, 16
+    x, B, C = torch.randn(2, T, H, P), torch.randn(2, T, G, N), torch.randn(2, T, G, N)
+    dt = torch.rand(2, T, H) * 0.5 + 0.05
+    A, D = -torch.rand(H) - 0.5, torch.randn(H)
+    rotary = partial(apply_rope, table=rope_table(T, N, 10000.0))
+    grad_of = {"all": "xBC", "x": "x", "BC": "BC", "none": ""}[needs_grad]
+    results = []
+    for core in (transmamba_core_torch, transmamba_core_triton):
+        inputs = {name: t.clone().requires_grad_(name in grad_of)
+                  for name, t in (("x", x), ("B", B), ("C", C))}
+        with torch.set_grad_enabled(bool(grad_of)):
+            y = core(inputs["x"], dt, A, inputs["B"], inputs["C"], D, p, 16, N ** -0.5, rotary)
+        grads = {}
+        if grad_of:
+            y.pow(2).sum().backward()
+            grads = {name: t.grad for name, t in inputs.items() if t.requires_grad}
+        results.append((y.detach(), grads))
+    assert_close("y", results[0][0], results[1][0], 1e-5)
+    assert results[0][1].keys() == results[1][1].keys()
+    for name in results[0][1]:
+        assert_close(f"d{name}", results[0][1][name], results[1][1][name], 1e-5)

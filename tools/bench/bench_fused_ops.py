@@ -1,20 +1,31 @@
 """Fused mixer ops on one GPU: causal conv + SiLU and gated grouped RMSNorm, PyTorch vs Triton.
 
-    python tools/bench/bench_fused_ops.py
+    python tools/bench/bench_fused_ops.py            # one H200: every table below
+    python tools/bench/bench_fused_ops.py --smoke    # tiny shapes, CPU (TRITON_INTERPRET=1)
 
 Prints bf16 errors against the float32 reference (next to PyTorch's own bf16 error) and
-forward / forward+backward times (ms, medians of triton.testing.do_bench) at the shapes of
-the TransMamba layout of NOTES (H = G = 16, P = N = 128: conv channels H*P + 2*G*N = 6144,
-norm width H*P = 2048), 65,536 tokens.
+forward / forward+backward times (ms, medians of triton.testing.do_bench; backward through
+torch.autograd.grad) at the shapes of the TransMamba layout of NOTES (H = G = 16, P = N = 128:
+conv channels H*P + 2*G*N = 6144, norm width H*P = 2048), 65,536 tokens:
+- conv: PyTorch vs Triton; the Triton backward's tilings (``causal_conv._BWD``: rows per
+  tile, channels per program, warps, x row shifts by register gather or by shifted loads);
+  packed documents (``seq_idx``);
+- norm: unpacked at p = T/2; packed documents gated by per-token positions in the kernel
+  (``position_ids``), next to the previous packed path (gate applied in PyTorch, then the
+  fused norm ungated).
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import sys
+import time
 
 import torch
-import triton.testing
+import torch.nn.functional as F
 
+from transmamba_kernels.conv import causal_conv
 from transmamba_kernels.conv.causal_conv import causal_conv1d_silu_triton
 from transmamba_kernels.conv.naive import causal_conv1d_silu_naive
 from transmamba_kernels.norm.gated_rmsnorm import gated_rmsnorm_triton
@@ -22,22 +33,28 @@ from transmamba_kernels.norm.naive import gated_rmsnorm_naive
 
 
 def rel(ref, out):
-    return ((ref.double() - out.double()).norm() / ref.double().norm()).item()
+    return ((ref.double() - out.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 def bench(fn):
-    return triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median")
+    if torch.cuda.is_available():
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median")
+    start = time.perf_counter()            # --smoke on CPU: one call, only to exercise the code
+    fn()
+    return (time.perf_counter() - start) * 1e3
 
 
-def run_op(name, naive, fused, make_args, grads_of):
+def run_op(name, reference, implementations, make_args, grads_of):
+    """Errors against ``reference`` in float32 and times of each (label, fn) in bf16."""
     args32 = make_args(torch.float32)
     args16 = [a.detach().to(torch.bfloat16).requires_grad_(True)
-              if isinstance(a, torch.Tensor) else a for a in args32]
-    ref = naive(*args32)
+              if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args32]
+    ref = reference(*args32)
     dout = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, grads_of(args32), dout)
     rows = []
-    for label, fn in (("PyTorch bf16", naive), ("Triton bf16", fused)):
+    for label, fn in implementations:
         out = fn(*args16)
         grads = torch.autograd.grad(out, grads_of(args16), dout.to(out.dtype))
         errs = [rel(ref, out)] + [rel(r, g) for r, g in zip(ref_grads, grads)]
@@ -45,34 +62,116 @@ def run_op(name, naive, fused, make_args, grads_of):
         both = bench(lambda: torch.autograd.grad(fn(*args16), grads_of(args16), dout.to(out.dtype)))
         rows.append((label, errs, fwd, both))
     print(f"\n{name}\n")
-    print("| implementation | out err | grad errs | fwd ms | fwd+bwd ms |")
-    print("|---|---|---|---|---|")
+    print("| implementation | out err | grad errs | fwd ms | fwd+bwd ms | bwd ms (difference) |")
+    print("|---|---|---|---|---|---|")
     for label, errs, fwd, both in rows:
-        print(f"| {label} | {errs[0]:.2e} | {', '.join(f'{e:.2e}' for e in errs[1:])} | {fwd:.3f} | {both:.3f} |")
+        print(f"| {label} | {errs[0]:.2e} | {', '.join(f'{e:.2e}' for e in errs[1:])} | "
+              f"{fwd:.3f} | {both:.3f} | {both - fwd:.3f} |", flush=True)
 
 
-def main() -> int:
-    dev = "cuda"
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    B, T = 8, 8192
+def conv_tilings(x, w, b, seq_idx=None, full=True):
+    """Forward+backward of the Triton conv for each backward tiling (bf16); ``full=False``: the
+    default tiling with both kinds of x shifts only."""
+    default = dict(causal_conv._BWD)
+    dout = torch.randn_like(x)
+    fwd = bench(lambda: causal_conv1d_silu_triton(x, w, b, seq_idx))
+    print(f"\nconv backward tilings, {list(x.shape)}, seq_idx={'yes' if seq_idx is not None else 'no'}"
+          f" (forward alone {fwd:.3f} ms; default {default})\n")
+    print("| rows per tile | channels | tiles per program | warps | x shifts | fwd+bwd ms | bwd ms |")
+    print("|---|---|---|---|---|---|---|")
+    grid = [(default["block_t"], default["block_c"], default["num_warps"], gather_x)
+            for gather_x in (True, False)]
+    if full and torch.cuda.is_available():
+        grid += list(itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (True, False)))
+    elif full:
+        grid += [(16, 16, 4, True), (16, 16, 4, False)]
+    try:
+        for block_t, block_c, warps, gather_x in grid:
+            cfg = dict(default, block_t=block_t, block_c=block_c, num_warps=warps, gather_x=gather_x)
+            if block_t * block_c > 128 * 64 and warps == 4:
+                continue                    # 64+ fp32 values per thread per tile: spills
+            causal_conv._BWD = cfg
+            try:
+                both = bench(lambda: torch.autograd.grad(causal_conv1d_silu_triton(x, w, b, seq_idx),
+                                                         (x, w, b), dout))
+            except Exception as err:        # a tiling that does not compile is a result too
+                print(f"| {block_t} | {block_c} | {cfg['tiles_per_program']} | {warps} | "
+                      f"{'gather' if gather_x else 'loads'} | failed: {type(err).__name__} | |")
+                continue
+            print(f"| {block_t} | {block_c} | {cfg['tiles_per_program']} | {warps} | "
+                  f"{'gather' if gather_x else 'loads'} | {both:.3f} | {both - fwd:.3f} |", flush=True)
+    finally:
+        causal_conv._BWD = default
 
-    def conv_args(dtype):
-        x = torch.randn(B, T, 6144, device=dev, dtype=dtype, requires_grad=True)
-        w = (torch.randn(6144, 1, 4, device=dev) * 0.5).requires_grad_(True)
-        b = (torch.randn(6144, device=dev) * 0.1).requires_grad_(True)
-        return [x, w, b]
 
-    run_op("causal conv1d + SiLU, [8, 8192, 6144], W = 4", causal_conv1d_silu_naive,
-           causal_conv1d_silu_triton, conv_args, lambda a: [a[0], a[1], a[2]])
+def documents_seq_idx(batch, T, mean_length, device, seed=0):
+    """seq_idx and position_ids [B, T] of rows cut into documents of random lengths."""
+    g = torch.Generator().manual_seed(seed)
+    seq_idx, positions = torch.empty(batch, T, dtype=torch.int32), torch.empty(batch, T, dtype=torch.long)
+    doc = 0
+    for row in range(batch):
+        start = 0
+        while start < T:
+            length = min(T - start, int(torch.randint(1, 2 * mean_length, (1,), generator=g)))
+            seq_idx[row, start:start + length] = doc
+            positions[row, start:start + length] = torch.arange(length)
+            start, doc = start + length, doc + 1
+    return seq_idx.to(device), positions.to(device)
 
-    def norm_args(dtype):
-        y = torch.randn(B, T, 2048, device=dev, dtype=dtype, requires_grad=True)
-        z = torch.randn(B, T, 2048, device=dev, dtype=dtype, requires_grad=True)
-        w = (torch.rand(2048, device=dev) + 0.5).requires_grad_(True)
-        return [y, z, w, 16, 1e-5, T // 2]
 
-    run_op("gated grouped RMSNorm, [8, 8192, 2048], G = 16, p = T/2", gated_rmsnorm_naive,
-           gated_rmsnorm_triton, norm_args, lambda a: [a[0], a[1], a[2]])
+def gate_then_norm(y, z, weight, groups, eps, transpoint, position_ids):
+    """The packed path before the fused per-token gate: gate in PyTorch, fused norm ungated."""
+    gate = (position_ids >= transpoint)[:, :, None]
+    gated = torch.where(gate, y.float() * F.silu(z.float()), y.float()).to(y.dtype)
+    return gated_rmsnorm_triton(gated, z, weight, groups, eps, y.shape[1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, for a CPU check")
+    args = parser.parse_args(argv)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda":
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+              f"{__import__('triton').__version__}")
+    B, T, conv_c, norm_c, G, mean_doc = (8, 8192, 6144, 2048, 16, 1024) if not args.smoke else \
+        (2, 40, 24, 16, 2, 9)
+
+    def conv_args(dtype, seq_idx=None):
+        x = torch.randn(B, T, conv_c, device=dev, dtype=dtype, requires_grad=True)
+        w = (torch.randn(conv_c, 1, 4, device=dev) * 0.5).requires_grad_(True)
+        b = (torch.randn(conv_c, device=dev) * 0.1).requires_grad_(True)
+        return [x, w, b, seq_idx]
+
+    seq_idx, positions = documents_seq_idx(B, T, mean_doc, dev)
+    conv_grads = lambda a: [a[0], a[1], a[2]]
+    run_op(f"causal conv1d + SiLU, [{B}, {T}, {conv_c}], W = 4", causal_conv1d_silu_naive,
+           [("PyTorch bf16", causal_conv1d_silu_naive), ("Triton bf16", causal_conv1d_silu_triton)],
+           conv_args, conv_grads)
+    run_op(f"causal conv1d + SiLU, [{B}, {T}, {conv_c}], W = 4, packed documents (mean {mean_doc})",
+           causal_conv1d_silu_naive, [("Triton bf16", causal_conv1d_silu_triton)],
+           lambda dtype: conv_args(dtype, seq_idx), conv_grads)
+    x16, w16, b16, _ = conv_args(torch.bfloat16)
+    conv_tilings(x16, w16, b16)
+    conv_tilings(x16, w16, b16, seq_idx, full=False)
+
+    def norm_args(dtype, position_ids=None):
+        y = torch.randn(B, T, norm_c, device=dev, dtype=dtype, requires_grad=True)
+        z = torch.randn(B, T, norm_c, device=dev, dtype=dtype, requires_grad=True)
+        w = (torch.rand(norm_c, device=dev) + 0.5).requires_grad_(True)
+        return [y, z, w, G, 1e-5, T // 2] + ([position_ids] if position_ids is not None else [])
+
+    norm_grads = lambda a: [a[0], a[1], a[2]]
+    run_op(f"gated grouped RMSNorm, [{B}, {T}, {norm_c}], G = {G}, p = T/2", gated_rmsnorm_naive,
+           [("PyTorch bf16", gated_rmsnorm_naive), ("Triton bf16", gated_rmsnorm_triton)],
+           norm_args, norm_grads)
+    p_doc = mean_doc // 2
+    run_op(f"gated grouped RMSNorm, [{B}, {T}, {norm_c}], G = {G}, packed documents (mean "
+           f"{mean_doc}), p = {p_doc} per document", gated_rmsnorm_naive,
+           [("PyTorch bf16", gated_rmsnorm_naive),
+            ("PyTorch gate + Triton norm (previous packed path)", gate_then_norm),
+            ("Triton bf16, position_ids", gated_rmsnorm_triton)],
+           lambda dtype: norm_args(dtype, positions)[:5] + [p_doc, positions], norm_grads)
     return 0
 
 

@@ -1,14 +1,18 @@
 """SSD / mixer-core benchmark and bf16 check on one GPU: prints markdown tables.
 
     python tools/bench/bench_ssd.py                  # the layouts of NOTES, 65,536 tokens a call
+    python tools/bench/bench_ssd.py --core-only --lengths 8192 --layouts 16,16,128,128
     python tools/bench/bench_ssd.py --smoke          # tiny shapes (CPU with TRITON_INTERPRET=1)
 
 Tables: (1) bf16 error of the Triton SSD against the float32 reference, next to PyTorch's own
-bf16 error (the same chunked algorithm computed in bf16), forward and backward; (2) times
-(median of triton.testing.do_bench, ms; backward through torch.autograd.grad, so no
-gradient accumulation into leaves is timed) of our SSD forward and forward+backward, our mixer core
-(SDPA on [0, p) + the Triton SSD) at p = 0, T/4, T/2, T, SDPA causal attention on the same
-shapes, and fla's chunk_simple_gla forward when fla-core is importable.
+bf16 error (the same chunked algorithm computed in bf16), forward and backward; (2) the gated
+norm, PyTorch vs Triton; (3) the mixer core at p = 0, T/4, T/2, T, next to the previous
+splice (``torch.cat`` of the attention rows and the SSD's rows [p, T)), the SSD with that
+TransPoint alone and SDPA on the prefix alone, so "core - SSD - SDPA" is what the splice
+costs; (4) times (median of triton.testing.do_bench, ms; backward through torch.autograd.grad,
+so no gradient accumulation into leaves is timed) of our SSD forward and forward+backward, our
+mixer core (SDPA on [0, p) + the Triton SSD) at p = 0, T/4, T/2, T, SDPA causal attention on
+the same shapes, and fla's chunk_simple_gla forward when fla-core is importable.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from contextlib import contextmanager
 
 import torch
 
-from megatron_transmamba.layers.mixer_core import grouped_attention, transmamba_core_triton
+from megatron_transmamba.layers.mixer_core import (grouped_attention, prefix_attention,
+                                                   transmamba_core_triton)
 from transmamba_kernels.ssd import naive
 from transmamba_kernels.ssd.chunk import chunk_ssd_triton
 
@@ -79,8 +85,57 @@ def accuracy_table(batch, T, H, G, P, N, chunk, device):
 
 
 def bench(fn, warmup=5, rep=20):
+    if not torch.cuda.is_available():   # --smoke on CPU: one call, only to exercise the code
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     import triton.testing
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def core_with_cat(x, dt, A, B, C, D, p, chunk, softmax_scale):
+    """The mixer core before ``_SplicedCore``: prefix slices and a concatenation (issue #3)."""
+    y = chunk_ssd_triton(x, dt, A, B, C, chunk, D=D, transpoint=p) if p < x.shape[1] else None
+    if p == 0:
+        return y
+    attention = prefix_attention(x, B, C, p, softmax_scale, None)
+    return attention if y is None else torch.cat([attention, y[:, p:]], dim=1)
+
+
+def core_table(layouts, lengths, tokens, chunk, device):
+    """Mixer core forward+backward against its parts: where the splice's time goes."""
+    print(f"\nMixer core, bf16, chunk {chunk}, ms (median); leaves x, dt, B, C; tokens per call = "
+          "B x T\n")
+    print("| H,G,P,N | T | B | p | core fwd | core fwd+bwd | cat splice fwd+bwd | SSD(p) fwd+bwd "
+          "| SDPA [0, p) fwd+bwd | core - SSD - SDPA |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for H, G, P, N in layouts:
+        for T in lengths:
+            batch = max(1, tokens // T)
+            inputs = make(batch, T, H, G, P, N, torch.bfloat16, device)
+            A, D = inputs["A"], inputs["D"]
+            leaves = [inputs[k].detach().clone().requires_grad_(True) for k in ("x", "dt", "B", "C")]
+            x, dt, B, C = leaves
+            dy = torch.randn_like(x)
+            for p in (0, T // 4, T // 2, T):
+                def fwd_bwd(fn, p=p):
+                    torch.autograd.grad(fn(x, dt, A, B, C, D, p, chunk, N ** -0.5), leaves, dy,
+                                        allow_unused=True)
+                core_f = bench(lambda: transmamba_core_triton(x, dt, A, B, C, D, p, chunk, N ** -0.5))
+                core_fb = bench(lambda: fwd_bwd(transmamba_core_triton))
+                cat_fb = bench(lambda: fwd_bwd(core_with_cat))
+                ssd_fb = 0.0
+                if p < T:
+                    ssd_fb = bench(lambda: torch.autograd.grad(
+                        chunk_ssd_triton(x, dt, A, B, C, chunk, D=D, transpoint=p), leaves, dy))
+                sdpa_fb = 0.0
+                if p > 0:
+                    q, k, v = (t[:, :p].detach().clone().requires_grad_(True) for t in (C, B, x))
+                    sdpa_fb = bench(lambda: torch.autograd.grad(
+                        grouped_attention(q, k, v, N ** -0.5), (q, k, v), dy[:, :p]))
+                print(f"| {H},{G},{P},{N} | {T} | {batch} | {p} | {core_f:.3f} | {core_fb:.3f} | "
+                      f"{cat_fb:.3f} | {ssd_fb:.3f} | {sdpa_fb:.3f} | "
+                      f"{core_fb - ssd_fb - sdpa_fb:.3f} |", flush=True)
 
 
 def timing_table(layouts, lengths, tokens, chunks, device, fla):
@@ -160,6 +215,8 @@ def norm_table(tokens, device):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, for a CPU check")
+    parser.add_argument("--core-only", action="store_true",
+                        help="only the mixer-core table (at the first chunk size)")
     parser.add_argument("--tokens", type=int, default=65536)
     parser.add_argument("--lengths", default="2048,8192,32768,131072")
     parser.add_argument("--chunks", default="64,128")
@@ -171,18 +228,24 @@ def main(argv=None) -> int:
         has_fla = device == "cuda"
     except ImportError:
         has_fla = False
+    layouts = [tuple(int(v) for v in s.split(",")) for s in args.layouts.split(";")]
+    lengths = [int(v) for v in args.lengths.split(",")]
+    chunks = [int(v) for v in args.chunks.split(",")]
     if args.smoke:
         worst = accuracy_table(1, 40, 2, 1, 16, 16, 16, device)
         print(f"\nworst ratio {worst:.2f}")
+        core_table([(2, 1, 16, 16)], [40], 80, 16, device)
         return 0
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{__import__('triton').__version__}")
+    if args.core_only:
+        core_table(layouts, lengths, args.tokens, chunks[0], device)
+        return 0
     worst = accuracy_table(2, 2048, 16, 16, 128, 128, 64, device)
     print(f"\nworst Triton/PyTorch bf16 error ratio: {worst:.2f}")
     norm_table(args.tokens, device)
-    layouts = [tuple(int(v) for v in s.split(",")) for s in args.layouts.split(";")]
-    timing_table(layouts, [int(v) for v in args.lengths.split(",")], args.tokens,
-                 [int(v) for v in args.chunks.split(",")], device, has_fla)
+    core_table(layouts, lengths, args.tokens, chunks[0], device)
+    timing_table(layouts, lengths, args.tokens, chunks, device, has_fla)
     return 0
 
 
