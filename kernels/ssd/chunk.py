@@ -45,7 +45,7 @@ _autotune = triton.autotune(configs=_tuning_configs(), key=["P", "N", "L"])
 @triton.jit
 def _states_fwd_kernel(
     x_ptr, b_ptr, dt_ptr, lam_ptr, init_ptr, states_ptr, final_ptr, chunk_doc_ptr, chunk_flag_ptr,
-    T, T_pad, H, G, P, N, num_chunks,
+    T, T_pad, H, G, P, N, num_chunks, sxb, sxt, sbb, sbt,
     L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_INIT: tl.constexpr,
     PACKED: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -75,9 +75,9 @@ def _states_fwd_kernel(
         tl.store(states_ptr + ((b * num_chunks + c) * H + h) * P * N + pn, s, mask=mask_pn)
         t = c * L + tl.arange(0, L)
         in_t = t < T
-        x = tl.load(x_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
+        x = tl.load(x_ptr + b * sxb + t[:, None] * sxt + h * P + p[None, :],
                     mask=in_t[:, None] & (p[None, :] < P), other=0.0)              # [L, BP]
-        bm = tl.load(b_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :],
+        bm = tl.load(b_ptr + b * sbb + t[:, None] * sbt + g * N + n[None, :],
                      mask=in_t[:, None] & (n[None, :] < N), other=0.0)             # [L, BN]
         dt = tl.load(dt_ptr + (b * T_pad + t) * H + h)                             # [L] (padded)
         lam = tl.load(lam_ptr + (b * T_pad + t) * H + h)
@@ -94,7 +94,7 @@ def _states_fwd_kernel(
 @triton.jit
 def _chunk_scan_fwd_kernel(
     x_ptr, b_ptr, c_ptr, dt_ptr, lam_ptr, d_ptr, states_ptr, y_ptr, pos_ptr,
-    T, T_pad, H, G, P, N, num_chunks, transpoint,
+    T, T_pad, H, G, P, N, num_chunks, transpoint, sxb, sxt, sbb, sbt, scb, sct,
     L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -118,10 +118,10 @@ def _chunk_scan_fwd_kernel(
         tl.store(y_ptrs, tl.zeros([L, BLOCK_P], dtype=y_ptr.dtype.element_ty), mask=mask_y)
         return
     precision: tl.constexpr = "ieee" if IEEE else "tf32"
-    x = tl.load(x_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=mask_y, other=0.0)
+    x = tl.load(x_ptr + b * sxb + t[:, None] * sxt + h * P + p[None, :], mask=mask_y, other=0.0)
     mask_n = in_t[:, None] & (n[None, :] < N)
-    bm = tl.load(b_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=mask_n, other=0.0)
-    cm = tl.load(c_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=mask_n, other=0.0)
+    bm = tl.load(b_ptr + b * sbb + t[:, None] * sbt + g * N + n[None, :], mask=mask_n, other=0.0)
+    cm = tl.load(c_ptr + b * scb + t[:, None] * sct + g * N + n[None, :], mask=mask_n, other=0.0)
     dt = tl.load(dt_ptr + (b * T_pad + t) * H + h)
     lam = tl.load(lam_ptr + (b * T_pad + t) * H + h)
     scores = tl.dot(cm, tl.trans(bm), input_precision=precision)                   # [L, L]
@@ -143,7 +143,7 @@ def _chunk_scan_fwd_kernel(
 def _states_bwd_kernel(
     dy_ptr, c_ptr, lam_ptr, states_ptr, final_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, dlam_end_ptr,
     chunk_doc_ptr, chunk_flag_ptr, pos_ptr,
-    T, T_pad, H, G, P, N, num_chunks, transpoint, num_blocks,
+    T, T_pad, H, G, P, N, num_chunks, transpoint, num_blocks, scb, sct,
     L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DFINAL: tl.constexpr,
     PACKED: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -190,7 +190,7 @@ def _states_bwd_kernel(
             rows = (t < T) & (t >= transpoint)
         dy = tl.load(dy_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
                      mask=rows[:, None] & (p[None, :] < P), other=0.0)
-        cm = tl.load(c_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :],
+        cm = tl.load(c_ptr + b * scb + t[:, None] * sct + g * N + n[None, :],
                      mask=rows[:, None] & (n[None, :] < N), other=0.0)
         lam = tl.load(lam_ptr + (b * T_pad + t) * H + h)
         lam_end = tl.load(lam_ptr + (b * T_pad + c * L + L - 1) * H + h)
@@ -207,7 +207,7 @@ def _states_bwd_kernel(
 def _chunk_bwd_kernel(
     x_ptr, b_ptr, c_ptr, dt_ptr, lam_ptr, d_ptr, states_ptr, dstates_ptr, dy_ptr,
     dx_ptr, db_ptr, dc_ptr, ddt_ptr, dlam_ptr, dd_ptr, pos_ptr,
-    T, T_pad, H, G, P, N, num_chunks, transpoint,
+    T, T_pad, H, G, P, N, num_chunks, transpoint, sxb, sxt, sbb, sbt, scb, sct,
     L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -224,8 +224,8 @@ def _chunk_bwd_kernel(
     else:
         rows = in_t & (t >= transpoint)
     mask_n = in_t[:, None] & (n[None, :] < N)
-    bm = tl.load(b_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=mask_n, other=0.0)
-    cm = tl.load(c_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :], mask=mask_n, other=0.0)
+    bm = tl.load(b_ptr + b * sbb + t[:, None] * sbt + g * N + n[None, :], mask=mask_n, other=0.0)
+    cm = tl.load(c_ptr + b * scb + t[:, None] * sct + g * N + n[None, :], mask=mask_n, other=0.0)
     dt = tl.load(dt_ptr + (b * T_pad + t) * H + h)
     lam = tl.load(lam_ptr + (b * T_pad + t) * H + h)
     lam_end = tl.load(lam_ptr + (b * T_pad + c * L + L - 1) * H + h)
@@ -245,7 +245,7 @@ def _chunk_bwd_kernel(
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         mask_p = p < P
-        x = tl.load(x_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
+        x = tl.load(x_ptr + b * sxb + t[:, None] * sxt + h * P + p[None, :],
                     mask=in_t[:, None] & mask_p[None, :], other=0.0)
         dy = tl.load(dy_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
                      mask=rows[:, None] & mask_p[None, :], other=0.0).to(io)
@@ -275,7 +275,7 @@ def _chunk_bwd_kernel(
         p = p0 + tl.arange(0, BLOCK_P)
         mask_p = p < P
         mask_x = in_t[:, None] & mask_p[None, :]
-        x = tl.load(x_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :], mask=mask_x, other=0.0)
+        x = tl.load(x_ptr + b * sxb + t[:, None] * sxt + h * P + p[None, :], mask=mask_x, other=0.0)
         dy = tl.load(dy_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
                      mask=rows[:, None] & mask_p[None, :], other=0.0).to(io)
         ds_out = tl.load(dstates_ptr + (state_base + p[:, None]) * N + n[None, :],
@@ -288,6 +288,19 @@ def _chunk_bwd_kernel(
                  dx.to(dx_ptr.dtype.element_ty), mask=mask_x)
         ddt += tl.sum(dv * x.to(tl.float32), axis=1)
     tl.store(ddt_ptr + (b * T_pad + t) * H + h, ddt)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [B, T, heads, dim] as the kernels read it: any batch and token strides (e.g. x, B
+    and C as views into the mixer's conv output), heads and dim packed. Copies otherwise."""
+    if t.stride(3) == 1 and t.stride(2) == t.shape[3]:
+        return t
+    return t.contiguous()
+
+
+def _row_strides(*tensors: torch.Tensor) -> list[int]:
+    """The batch and token strides of each ``_rows`` tensor, in the kernels' argument order."""
+    return [stride for t in tensors for stride in (t.stride(0), t.stride(1))]
 
 
 def _block_sizes(P: int, N: int) -> tuple[int, int]:
@@ -328,13 +341,15 @@ def _ssd_fwd(x, dt, A, B, C, D, initial_states, chunk_size, transpoint, layout):
     state_bp, state_bn = _state_block_sizes(P, N)
     _states_fwd_kernel[(batch * H, triton.cdiv(P, state_bp), triton.cdiv(N, state_bn))](
         x, B, dt_pad, lam, init if init is not None else final, states, final, docs, flags,
-        T, num_chunks * L, H, G, P, N, num_chunks, L=L, BLOCK_P=state_bp, BLOCK_N=state_bn,
+        T, num_chunks * L, H, G, P, N, num_chunks, *_row_strides(x, B),
+        L=L, BLOCK_P=state_bp, BLOCK_N=state_bn,
         HAS_INIT=init is not None, PACKED=layout is not None, IEEE=ieee)
     grid = (num_chunks, batch * H, triton.cdiv(P, block_p))
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _chunk_scan_fwd_kernel[grid](x, B, C, dt_pad, lam, D, states, y, pos, T, num_chunks * L, H, G,
-                                 P, N, num_chunks, transpoint, L=L, BLOCK_P=block_p,
-                                 BLOCK_N=block_n, PACKED=layout is not None, IEEE=ieee)
+                                 P, N, num_chunks, transpoint, *_row_strides(x, B, C), L=L,
+                                 BLOCK_P=block_p, BLOCK_N=block_n, PACKED=layout is not None,
+                                 IEEE=ieee)
     return y, final, states, dt_pad, lam
 
 
@@ -361,9 +376,9 @@ def _ssd_bwd(dy, dfinal, x, dt, A, B, C, D, states, final, dt_pad, lam, chunk_si
     _states_bwd_kernel[state_grid](
         dy, C, lam, states, final, dfinal.contiguous() if dfinal is not None else final, dstates,
         dinit, dlam_end, docs, flags, pos, T, T_pad, H, G, P, N, num_chunks, transpoint, num_blocks,
-        L=L, BLOCK_P=state_bp, BLOCK_N=state_bn, HAS_DFINAL=dfinal is not None,
+        *_row_strides(C), L=L, BLOCK_P=state_bp, BLOCK_N=state_bn, HAS_DFINAL=dfinal is not None,
         PACKED=layout is not None, IEEE=ieee)
-    dx = torch.empty_like(x)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     # One group per head: the per-head gradients are the answer, written in B's dtype.
     per_head_dtype = B.dtype if G == H else torch.float32
     db = torch.empty(batch, T, H, N, dtype=per_head_dtype, device=x.device)
@@ -373,8 +388,8 @@ def _ssd_bwd(dy, dfinal, x, dt, A, B, C, D, states, final, dt_pad, lam, chunk_si
     dd = torch.empty(batch, num_chunks, H, P, dtype=torch.float32, device=x.device)
     _chunk_bwd_kernel[(num_chunks, batch * H)](
         x, B, C, dt_pad, lam, D, states, dstates, dy, dx, db, dc, ddt, dlam, dd, pos,
-        T, T_pad, H, G, P, N, num_chunks, transpoint, L=L, BLOCK_P=block_p, BLOCK_N=block_n,
-        PACKED=layout is not None, IEEE=ieee)
+        T, T_pad, H, G, P, N, num_chunks, transpoint, *_row_strides(x, B, C), L=L,
+        BLOCK_P=block_p, BLOCK_N=block_n, PACKED=layout is not None, IEEE=ieee)
     # The chunk-end log decay also scales the state leaving the chunk.
     dlam = dlam.view(batch, num_chunks, L, H)
     dlam[:, :, L - 1] += dlam_end.sum(-1)
@@ -498,8 +513,8 @@ def chunk_ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, i
         D = torch.zeros(H, P, dtype=torch.float32, device=x.device)
     D = (D.float()[:, None].expand(H, P) if D.dim() == 1 else D.float()).contiguous()
     if not packed:
-        y, final = _ChunkSSD.apply(x.contiguous(), dt.contiguous(), A.float(), B.contiguous(),
-                                   C.contiguous(), D, initial_states, int(chunk_size),
+        y, final = _ChunkSSD.apply(_rows(x), dt.contiguous(), A.float(), _rows(B), _rows(C),
+                                   D, initial_states, int(chunk_size),
                                    int(transpoint), None)
     else:
         layout = _PackedLayout.build(docs, dims.seqlen, int(chunk_size), x.device)

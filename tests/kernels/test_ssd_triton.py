@@ -164,3 +164,40 @@ def test_packed_seq_idx_over_two_rows():
     assert final.shape[0] == 3
     assert_close("y", y_ref, y.double(), 1e-5)
     assert_close("final_states", final_ref, final.double(), 1e-5)
+
+
+@pytest.mark.parametrize("transpoint", [0, 13])
+def test_strided_views_read_in_place_equal_contiguous_inputs(transpoint, monkeypatch):
+    """x, B and C as views into one [B, T, channels] tensor (the mixer's conv output) are read
+    in place, with their token strides, and give bitwise the results of contiguous copies."""
+    batch, T, H, P, G, N = 2, 37, 4, 8, 2, 16
+    g = torch.Generator().manual_seed(3)
+    xbc = torch.randn(batch, T, H * P + 2 * G * N + 5, generator=g)     # 5 extra channels
+    dt = torch.rand(batch, T, H, generator=g) * 0.5 + 0.05
+    A, D = -(torch.rand(H, generator=g) + 0.5), torch.randn(H, generator=g)
+    dy = torch.randn(batch, T, H, P, generator=g)
+    copies = []
+    real_contiguous = torch.Tensor.contiguous
+
+    def counting_contiguous(t, *args, **kwargs):
+        if not t.is_contiguous():
+            copies.append(tuple(t.shape))
+        return real_contiguous(t, *args, **kwargs)
+
+    results = []
+    for contiguous in (False, True):
+        leaf = xbc.clone().requires_grad_(True)
+        x, B, C, _ = torch.split(leaf, [H * P, G * N, G * N, 5], dim=-1)
+        x, B, C = x.reshape(batch, T, H, P), B.reshape(batch, T, G, N), C.reshape(batch, T, G, N)
+        if contiguous:
+            x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
+        else:
+            assert not (x.is_contiguous() or B.is_contiguous() or C.is_contiguous())
+            monkeypatch.setattr(torch.Tensor, "contiguous", counting_contiguous)
+        y = chunk_ssd_triton(x, dt, A, B, C, 16, D=D, transpoint=transpoint)
+        (y * dy).sum().backward()
+        monkeypatch.setattr(torch.Tensor, "contiguous", real_contiguous)
+        results.append((y.detach(), leaf.grad))
+    assert [s for s in copies if len(s) == 4] == []        # x, B, C [B, T, ., .] were not copied
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
