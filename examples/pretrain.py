@@ -56,10 +56,10 @@ def main(argv=None) -> int:
         wait_for_other_ranks("config_error")
         return 2
     result = pretrain(cfg)
-    if result.valid_losses:
+    if result.valid_losses and int(os.environ.get("RANK", 0)) == 0:
         first, last = min(result.valid_losses), max(result.valid_losses)
         print(f"validation loss {result.valid_losses[first]:.4f} (step {first}) -> "
-              f"{result.valid_losses[last]:.4f} (step {last}) in {result.seconds:.0f} s")
+              f"{result.valid_losses[last]:.4f} (step {last}) in {result.seconds:.0f} s", flush=True)
     return 0
 
 
