@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from helpers import assert_close  # noqa: E402
+from helpers import assert_close, nan_filled_buffers  # noqa: E402
 from transmamba_kernels.conv import causal_conv as conv_module  # noqa: E402
 from transmamba_kernels.conv.causal_conv import causal_conv1d_silu_triton  # noqa: E402
 from transmamba_kernels.conv.naive import causal_conv1d_silu_naive  # noqa: E402
@@ -24,23 +24,9 @@ BWD_TILINGS = {
 
 
 @pytest.fixture(autouse=True)
-def nan_filled_buffers(monkeypatch):
-    """torch.empty in the kernel module returns NaN-filled tensors."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    fake = type("torch_with_nan_empty", (), {})()
-    for name in dir(torch):
-        if not name.startswith("__"):
-            try:
-                setattr(fake, name, getattr(torch, name))
-            except Exception:
-                pass
-    fake.empty = empty
-    monkeypatch.setattr(conv_module, "torch", fake)
+def nan_filled(monkeypatch):
+    """New buffers of the kernel module are NaN-filled (helpers.nan_filled_buffers)."""
+    nan_filled_buffers(monkeypatch, conv_module)
 
 
 @pytest.fixture(params=list(BWD_TILINGS))

@@ -5,9 +5,16 @@ import torch
 
 pytest.importorskip("triton")
 
-from helpers import assert_close  # noqa: E402
+from helpers import assert_close, nan_filled_buffers  # noqa: E402
+from transmamba_kernels.norm import gated_rmsnorm as norm_module  # noqa: E402
 from transmamba_kernels.norm.gated_rmsnorm import gated_rmsnorm_triton  # noqa: E402
 from transmamba_kernels.norm.naive import gated_rmsnorm_naive  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def nan_filled(monkeypatch):
+    """New buffers of the kernel module are NaN-filled (helpers.nan_filled_buffers)."""
+    nan_filled_buffers(monkeypatch, norm_module)
 
 
 @pytest.mark.parametrize("T,transpoint,groups,width", [(7, 0, 2, 24), (7, 3, 2, 24), (19, 19, 1, 16),

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from helpers import assert_close  # noqa: E402
+from helpers import assert_close, nan_filled_buffers  # noqa: E402
 from transmamba_kernels.ssd import chunk as chunk_module  # noqa: E402
 from transmamba_kernels.ssd.chunk import chunk_ssd_triton  # noqa: E402
 from transmamba_kernels.ssd.naive import chunk_ssd_naive  # noqa: E402
@@ -24,27 +24,9 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
 
 
 @pytest.fixture(autouse=True)
-def nan_filled_buffers(monkeypatch):
-    """torch.empty / empty_like in the kernel module return NaN-filled tensors."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def empty_like(*args, **kwargs):
-        t = real_empty_like(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    fake = type("torch_with_nan_empty", (), {})()
-    for name in dir(torch):
-        if not name.startswith("__"):
-            try:
-                setattr(fake, name, getattr(torch, name))
-            except Exception:
-                pass
-    fake.empty, fake.empty_like = empty, empty_like
-    monkeypatch.setattr(chunk_module, "torch", fake)
+def nan_filled(monkeypatch):
+    """New buffers of the kernel module are NaN-filled (helpers.nan_filled_buffers)."""
+    nan_filled_buffers(monkeypatch, chunk_module)
 
 
 def make_inputs(batch, T, H, P, G, N, dtype, seed=0, init=True):
