@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from torch.utils.weak import WeakIdKeyDictionary
 import triton.language as tl
 
 from .naive import _check_initial_states, _check_inputs, _documents
@@ -474,6 +475,28 @@ class _ChunkSSD(torch.autograd.Function):
                 dD.to(D.dtype), dinit if ctx.has_init else None, None, None, None)
 
 
+# The packed layout of each seq_idx / cu_seqlens tensor: a model passes the same tensor to every
+# layer, so the documents are read from the device (host syncs) and laid out once, not per call.
+_LAYOUTS = WeakIdKeyDictionary()
+
+
+def _packed_layout(dims, seq_idx, cu_seqlens, chunk_size: int, device):
+    """(documents, ``_PackedLayout``) of the packed documents, cached per index tensor while it
+    is not modified in place (its version counter)."""
+    if seq_idx is not None and cu_seqlens is not None:         # not cached: both describe it
+        docs = _documents(dims, seq_idx, cu_seqlens)
+        return docs, _PackedLayout.build(docs, dims.seqlen, chunk_size, device)
+    index = seq_idx if seq_idx is not None else cu_seqlens
+    key = (dims.batch, dims.seqlen, chunk_size, str(device), seq_idx is not None)
+    cached = _LAYOUTS.get(index, {}).get(key)
+    if cached is not None and cached[0] == index._version:
+        return cached[1], cached[2]
+    docs = _documents(dims, seq_idx, cu_seqlens)
+    layout = _PackedLayout.build(docs, dims.seqlen, chunk_size, device)
+    _LAYOUTS.setdefault(index, {})[key] = (index._version, docs, layout)
+    return docs, layout
+
+
 def chunk_ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
                      seq_idx=None, cu_seqlens=None, dt_softplus=False,
                      dt_limit=(0.0, float("inf")), return_final_states=False, transpoint=0):
@@ -499,7 +522,10 @@ def chunk_ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, i
         raise ValueError(f"chunk_size={chunk_size}: the Triton SSD needs a power of two >= 16")
     dims = _check_inputs(x, dt, A, B, C, D, z, dt_bias, dt_limit)
     packed = seq_idx is not None or cu_seqlens is not None
-    docs = _documents(dims, seq_idx, cu_seqlens)
+    if packed:
+        docs, layout = _packed_layout(dims, seq_idx, cu_seqlens, int(chunk_size), x.device)
+    else:
+        docs = _documents(dims, seq_idx, cu_seqlens)
     _check_initial_states(initial_states, dims, len(docs), packed)
     if x.dtype == torch.float64:
         raise TypeError("chunk_ssd_triton: float64 is not supported (use chunk_ssd_naive)")
@@ -517,7 +543,6 @@ def chunk_ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, i
                                    D, initial_states, int(chunk_size),
                                    int(transpoint), None)
     else:
-        layout = _PackedLayout.build(docs, dims.seqlen, int(chunk_size), x.device)
         if layout.padded_len == 0:  # only empty documents
             y = torch.zeros_like(x)
             final = (initial_states.float().clone() if initial_states is not None else

@@ -183,3 +183,28 @@ def test_strided_views_read_in_place_equal_contiguous_inputs(transpoint, monkeyp
     assert [s for s in copies if len(s) == 4] == []        # x, B, C [B, T, ., .] were not copied
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
+
+
+def test_packed_layout_is_built_once_per_index_tensor(monkeypatch):
+    """Every layer gets the same seq_idx tensor: the documents are read from it once. Changing
+    it in place invalidates the cached layout."""
+    inputs = make_inputs(2, 29, 4, 8, 2, 16, torch.float32, init=False)
+    seq_idx = torch.tensor([[0] * 10 + [1] * 19, [2] * 29])
+    calls = []
+    real = chunk_module._documents
+    monkeypatch.setattr(chunk_module, "_documents", lambda *a: calls.append(1) or real(*a))
+
+    def ssd(idx):
+        return chunk_ssd_triton(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"],
+                                16, D=inputs["D"], seq_idx=idx, transpoint=3)
+
+    first, second = ssd(seq_idx), ssd(seq_idx)
+    assert len(calls) == 1 and torch.equal(first, second)
+    seq_idx[0, 4:10] = 1                                     # another first document length
+    moved = ssd(seq_idx)
+    assert len(calls) == 2
+    reference = chunk_ssd_naive(*(inputs[k].double() for k in ("x", "dt", "A", "B", "C")), 16,
+                                D=inputs["D"].double(), seq_idx=seq_idx.clone())
+    positions = positions_in_documents([4, 25], 29)
+    rows = (positions >= 3)[None, :, None, None]
+    assert_close("y row 0", (reference * rows)[0], moved[0].double(), 1e-5)
