@@ -32,6 +32,7 @@ import torch
 
 def run(args, overrides: list[str]) -> int:
     from megatron_transmamba.training.config import load_run_config
+    from megatron_transmamba.training.metrics import throughput
     from megatron_transmamba.training.pretrain import pretrain
     cfg = load_run_config(args.config, [
         f"--training.train_iters={args.steps}", f"--training.lr_warmup_iters={max(1, args.steps // 4)}",
@@ -44,9 +45,9 @@ def run(args, overrides: list[str]) -> int:
     steps = sorted(result.train_losses)
     times = [result.step_seconds[s] for s in steps if s > args.warmup]
     median = statistics.median(times)
-    tokens_per_s = result.tokens_per_step / median
-    world = result.layout["world_size"]
-    tflops = tokens_per_s * result.flops_per_token / world / 1e12
+    speed = throughput(result.tokens_per_step, median, result.flops_per_token,
+                       result.layout["world_size"], result.peak_tflops)
+    tokens_per_s, tflops = speed.tokens_per_s, speed.tflops_per_gpu
     import megatron.core
     import triton
     record = {
@@ -58,7 +59,7 @@ def run(args, overrides: list[str]) -> int:
         "step_seconds": [result.step_seconds[s] for s in steps],
         "median_step_seconds": median, "tokens_per_s": tokens_per_s,
         "tflops_per_gpu": tflops,
-        "mfu": tflops / result.peak_tflops if result.peak_tflops else None,
+        "mfu": speed.mfu,
         "peak_memory_bytes": result.peak_memory_bytes,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": {"torch": torch.__version__, "triton": triton.__version__,
