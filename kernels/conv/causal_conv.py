@@ -87,7 +87,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_
         # pre-activation of every row from W-1 on: tap j reads the row W-1-j earlier
         pre = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32) + bias[None, :]
         for j in tl.static_range(W):
-            back: tl.constexpr = W - 1 - j
+            back = W - 1 - j  # a constexpr: j is (static_range); annotating it would be a reassignment
             if back == 0:
                 xs = x_tile.to(tl.float32)
             else:
