@@ -1,0 +1,132 @@
+"""Compile every Triton kernel of the package for a GPU target, on a machine without a GPU.
+
+Run before a GPU session, with the Triton version the GPU machine has, so a kernel that does
+not compile there costs no GPU time:
+
+    python tools/check_gpu_compile.py [--arch 90] [--filter ssd]
+
+The kernel wrappers run on small CPU tensors with kernel launches intercepted: nothing is
+launched (outputs stay unwritten). Each launch's argument types, specialisations and
+constexprs, under every config the GPU autotuner would try for that shape, are compiled to a
+cubin with ``triton.compile`` for the target (sm_90 = H100/H200). Prints one line per distinct
+compilation and exits 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+os.environ.pop("TRITON_INTERPRET", None)   # the GPU code paths, with the autotuners' configs
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime import autotuner as autotuner_module  # noqa: E402
+from triton.runtime import jit as jit_module  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Recorder:
+    """Stands in for kernel launches: collects one ASTSource and options per distinct compile."""
+
+    def __init__(self, target: GPUTarget):
+        self.target = target
+        self.backend = make_backend(target)
+        self.jobs: dict[str, tuple] = {}
+        self.context = ""
+
+    def jit_run(self, fn, *args, grid=None, warmup=False, **kwargs):
+        kwargs.setdefault("debug", False)
+        kwargs["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
+        binder = jit_module.create_function_from_signature(fn.signature, fn.params, self.backend)
+        bound_args, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(self.backend, kwargs, bound_args,
+                                                              specialization, options)
+        key = f"{fn.__name__} {signature} {constexprs} {attrs} {options.num_warps} {options.num_stages}"
+        if key not in self.jobs:
+            label = (f"{fn.__name__} warps={options.num_warps} stages={options.num_stages} "
+                     f"{ {fn.arg_names[k[0]]: v for k, v in constexprs.items() if len(k) == 1} }")
+            self.jobs[key] = (label, self.context, ASTSource(fn, signature, constexprs, attrs),
+                              options.__dict__)
+
+    def autotune_run(self, tuner, *args, **kwargs):
+        kwargs.pop("grid", None)
+        kwargs.pop("warmup", None)
+        tuner.nargs = dict(zip(tuner.arg_names, args))
+        configs = tuner.prune_configs(kwargs) if len(tuner.configs) > 1 else tuner.configs
+        for config in configs:
+            self.jit_run(tuner.fn, *args, **kwargs, **config.all_kwargs())
+        tuner.nargs = None
+
+
+def drive_kernels(recorder: Recorder, only: str) -> None:
+    """Calls the wrappers in the variants the model uses: bf16 training, fp32 (exact), packed."""
+    sys.path.insert(0, ROOT)
+    from kernels.conv.causal_conv import causal_conv1d_silu_triton
+    from kernels.norm.gated_rmsnorm import gated_rmsnorm_triton
+    from kernels.ssd.chunk import chunk_ssd_triton
+
+    def grad(out, *leaves):
+        out = out[0] if isinstance(out, tuple) else out
+        torch.autograd.grad(out.float().sum(), leaves, allow_unused=True)
+
+    batch, T, H, P, G, N = 1, 200, 4, 96, 4, 96
+    for dtype in (torch.bfloat16, torch.float32):
+        leaf = lambda *s: torch.randn(*s).to(dtype).requires_grad_(True)
+        if "ssd" in only:
+            for packed in (False, True):
+                recorder.context = f"ssd {dtype} packed={packed}"
+                x, B, C = leaf(batch, T, H, P), leaf(batch, T, G, N), leaf(batch, T, G, N)
+                dt = torch.rand(batch, T, H, requires_grad=True)
+                A = -torch.rand(H)
+                extra = {}
+                if packed:
+                    extra["cu_seqlens"] = torch.tensor([0, 70, T])
+                    extra["initial_states"] = torch.randn(2, H, P, N, requires_grad=True)
+                y, final = chunk_ssd_triton(x, dt, A, B, C, 64, D=torch.ones(H), transpoint=30,
+                                            return_final_states=True, **extra)
+                torch.autograd.grad(y.float().sum() + final.sum(), (x, dt, B, C))
+        if "conv" in only:
+            for seq in (None, torch.zeros(batch, T, dtype=torch.int32)):
+                recorder.context = f"conv {dtype} seq_idx={seq is not None}"
+                xc, w, b = leaf(batch, T, 3 * 128), leaf(3 * 128, 1, 4), leaf(3 * 128)
+                grad(causal_conv1d_silu_triton(xc, w, b, seq_idx=seq), xc, w, b)
+        if "norm" in only:
+            for positions in (None, torch.arange(T)[None].expand(batch, T).contiguous()):
+                recorder.context = f"norm {dtype} position_ids={positions is not None}"
+                yn, z, w = leaf(batch, T, 256), leaf(batch, T, 256), leaf(256)
+                grad(gated_rmsnorm_triton(yn, z, w, 4, 1e-5, 50, position_ids=positions), yn, z, w)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability (90: H100/H200)")
+    parser.add_argument("--filter", default="ssd,conv,norm", help="which wrappers to drive")
+    args = parser.parse_args(argv)
+    recorder = Recorder(GPUTarget("cuda", args.arch, 32))
+    jit_module.JITFunction.run = lambda fn, *a, **k: recorder.jit_run(fn, *a, **k)
+    autotuner_module.Autotuner.run = lambda tuner, *a, **k: recorder.autotune_run(tuner, *a, **k)
+    drive_kernels(recorder, args.filter)
+    print(f"triton {triton.__version__}, target sm_{args.arch}: {len(recorder.jobs)} compilations")
+    failures = 0
+    for label, context, src, options in recorder.jobs.values():
+        start = time.perf_counter()
+        try:
+            compiled = triton.compile(src, target=recorder.target, options=options)
+            note = f"ok {time.perf_counter() - start:5.1f} s, {compiled.metadata.shared} B shared"
+        except Exception as error:  # noqa: BLE001 - report every failure, then exit 1
+            failures += 1
+            note = "FAILED\n" + "".join(traceback.format_exception_only(type(error), error))
+        print(f"  [{context}] {label}: {note}", flush=True)
+    print(f"{failures} failed" if failures else "all compiled")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
