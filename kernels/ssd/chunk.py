@@ -19,6 +19,7 @@ dC and the log-decay gradient per chunk; per-head dB/dC are summed over each gro
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -32,21 +33,61 @@ from .naive import _check_initial_states, _check_inputs, _documents
 __all__ = ["chunk_ssd_triton"]
 
 
-def _tuning_configs():
-    # The interpreter runs one config only (NOTES); on GPUs try a few warp/stage counts.
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({}, num_warps=4)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-_autotune = triton.autotune(configs=_tuning_configs(), key=["P", "N", "L"])
+def _tuned(blocks: dict, warps=(4, 8), stages=(1, 2, 3), **autotune_kwargs):
+    """``triton.autotune`` over block sizes x warps x stages on GPUs. ``blocks`` maps each tuned
+    block-size argument to its candidates; blocks larger than the padded head/state dimension
+    are pruned. The key is (P, N, L, BH): BH, the power of two at or above batch * heads, says
+    how many programs a grid has, which decides whether small or large blocks win. The
+    interpreter runs one config (NOTES), with the block sizes the launcher passes explicitly
+    (``_interpreter_blocks``)."""
+    if _INTERPRET:
+        return triton.autotune(configs=[triton.Config({}, num_warps=4)], key=[])
+    names = list(blocks)
+    combos = [dict(zip(names, values)) for values in itertools.product(*blocks.values())]
+    configs = [triton.Config(combo, num_warps=w, num_stages=st)
+               for combo in combos for w in warps for st in stages]
+
+    def prune(configs, named_args, **kwargs):
+        limit = {"BLOCK_P": named_args["P"], "BLOCK_N": named_args["N"]}
+        fits = [c for c in configs
+                if all(c.kwargs[k] <= max(16, triton.next_power_of_2(limit[k])) for k in names)]
+        if fits:
+            return fits
+        smallest = min(c.kwargs[names[0]] for c in configs)
+        return [c for c in configs if c.kwargs[names[0]] == smallest]
+
+    return triton.autotune(configs=configs, key=["P", "N", "L", "BH"],
+                           prune_configs_by={"early_config_prune": prune}, **autotune_kwargs)
 
 
-@_autotune
+def _interpreter_blocks(kernel: str, P: int, N: int) -> dict:
+    """The block sizes the interpreter runs (on GPUs the autotuner picks them): the head and
+    state dimensions rounded up to a power of two, at most 64 (the state kernels) or 64 for
+    P and whole N (the chunk kernels). Tests monkeypatch this to cover other tilings."""
+    bp = min(64, max(16, triton.next_power_of_2(P)))
+    if kernel == "states":
+        return {"BLOCK_P": bp, "BLOCK_N": min(64, max(16, triton.next_power_of_2(N)))}
+    return {"BLOCK_P": bp}
+
+
+def _launch_blocks(kernel: str, P: int, N: int) -> dict:
+    """Block-size arguments a launcher passes: none on GPUs (tuned), explicit in the interpreter."""
+    return _interpreter_blocks(kernel, P, N) if _INTERPRET else {}
+
+
+# Candidates: state kernels tile [P, N] states over programs; the chunk kernels tile P.
+_STATE_BLOCKS = {"BLOCK_P": (32, 64), "BLOCK_N": (32, 64)}
+_MIN_STATE_BLOCK = 16   # dlam_end holds one partial per state block of at least this size
+
+
+@_tuned(_STATE_BLOCKS, stages=(2, 3))
 @triton.jit
 def _states_fwd_kernel(
     x_ptr, b_ptr, dt_ptr, lam_ptr, init_ptr, states_ptr, final_ptr, chunk_doc_ptr, chunk_flag_ptr,
-    T, T_pad, H, G, P, N, num_chunks, sxb, sxt, sbb, sbt,
+    T, T_pad, BH, H, G, P, N, num_chunks, sxb, sxt, sbb, sbt,
     L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_INIT: tl.constexpr,
     PACKED: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -91,11 +132,11 @@ def _states_fwd_kernel(
         tl.store(final_ptr + bh * P * N + pn, s, mask=mask_pn)
 
 
-@_autotune
+@_tuned({"BLOCK_P": (32, 64, 128)}, stages=(1,))
 @triton.jit
 def _chunk_scan_fwd_kernel(
     x_ptr, b_ptr, c_ptr, dt_ptr, lam_ptr, d_ptr, states_ptr, y_ptr, pos_ptr,
-    T, T_pad, H, G, P, N, num_chunks, transpoint, sxb, sxt, sbb, sbt, scb, sct,
+    T, T_pad, BH, H, G, P, N, num_chunks, transpoint, sxb, sxt, sbb, sbt, scb, sct,
     L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -139,12 +180,12 @@ def _chunk_scan_fwd_kernel(
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
-@_autotune
+@_tuned(_STATE_BLOCKS, stages=(2, 3), reset_to_zero=["dlam_end_ptr"])
 @triton.jit
 def _states_bwd_kernel(
     dy_ptr, c_ptr, lam_ptr, states_ptr, final_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, dlam_end_ptr,
     chunk_doc_ptr, chunk_flag_ptr, pos_ptr,
-    T, T_pad, H, G, P, N, num_chunks, transpoint, num_blocks, scb, sct,
+    T, T_pad, BH, H, G, P, N, num_chunks, transpoint, num_blocks, scb, sct,
     L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DFINAL: tl.constexpr,
     PACKED: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -167,6 +208,7 @@ def _states_bwd_kernel(
         s_end = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
     else:
         s_end = tl.load(final_ptr + bh * P * N + pn, mask=mask_pn, other=0.0)
+    s_end = s_end.to(tl.float32)
     for i in range(num_chunks):
         c = num_chunks - 1 - i
         base = ((b * num_chunks + c) * H + h) * P * N
@@ -183,7 +225,7 @@ def _states_bwd_kernel(
             s_end = tl.where(last, tl.load(final_ptr + doc_off, mask=mask_pn & last, other=0.0), s_end)
         tl.store(dstates_ptr + base + pn, ds, mask=mask_pn)
         tl.store(dlam_end_ptr + ((b * num_chunks + c) * H + h) * num_blocks + block, tl.sum(ds * s_end))
-        s_end = tl.load(states_ptr + base + pn, mask=mask_pn, other=0.0)
+        s_end = tl.load(states_ptr + base + pn, mask=mask_pn, other=0.0).to(tl.float32)
         t = c * L + tl.arange(0, L)
         if PACKED:
             rows = (t < T) & (tl.load(pos_ptr + t) >= transpoint)
@@ -203,12 +245,12 @@ def _states_bwd_kernel(
         tl.store(dinit_ptr + bh * P * N + pn, ds, mask=mask_pn)
 
 
-@_autotune
+@_tuned({"BLOCK_P": (32, 64)}, stages=(1, 2))
 @triton.jit
 def _chunk_bwd_kernel(
     x_ptr, b_ptr, c_ptr, dt_ptr, lam_ptr, d_ptr, states_ptr, dstates_ptr, dy_ptr,
     dx_ptr, db_ptr, dc_ptr, ddt_ptr, dlam_ptr, dd_ptr, pos_ptr,
-    T, T_pad, H, G, P, N, num_chunks, transpoint, sxb, sxt, sbb, sbt, scb, sct,
+    T, T_pad, BH, H, G, P, N, num_chunks, transpoint, sxb, sxt, sbb, sbt, scb, sct,
     L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -304,14 +346,17 @@ def _row_strides(*tensors: torch.Tensor) -> list[int]:
     return [stride for t in tensors for stride in (t.stride(0), t.stride(1))]
 
 
-def _block_sizes(P: int, N: int) -> tuple[int, int]:
-    block_n = max(16, triton.next_power_of_2(N))
-    block_p = min(64, max(16, triton.next_power_of_2(P)))
-    return block_p, block_n
+def _bh_bucket(batch: int, heads: int) -> int:
+    """The autotuning key's measure of grid size: batch * heads rounded up to a power of two."""
+    return triton.next_power_of_2(batch * heads)
 
 
-def _state_block_sizes(P: int, N: int) -> tuple[int, int]:
-    return min(64, max(16, triton.next_power_of_2(P))), min(64, max(16, triton.next_power_of_2(N)))
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the per-chunk states and state gradients kept between the kernels: the input
+    dtype for bf16/fp16, whose dots already read them cast to it (so the forward is bitwise
+    unchanged, and only the chunk-end decay gradient reads them rounded), float32 for float32
+    inputs. Recurrences always accumulate in float32 registers."""
+    return torch.float32 if dtype == torch.float32 else dtype
 
 
 def _chunk_lambda(dt: torch.Tensor, A: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -329,9 +374,9 @@ def _ssd_fwd(x, dt, A, B, C, D, initial_states, chunk_size, transpoint, layout):
     G, N = B.shape[2], B.shape[3]
     L = chunk_size
     dt_pad, lam, num_chunks = _chunk_lambda(dt, A, L)
-    block_p, block_n = _block_sizes(P, N)
+    block_n = max(16, triton.next_power_of_2(N))
     ieee = x.dtype == torch.float32
-    states = torch.empty(batch, num_chunks, H, P, N, dtype=torch.float32, device=x.device)
+    states = torch.empty(batch, num_chunks, H, P, N, dtype=_state_dtype(x.dtype), device=x.device)
     init = initial_states.float().contiguous() if initial_states is not None else None
     if layout is None:
         final = torch.empty(batch, H, P, N, dtype=torch.float32, device=x.device)
@@ -339,18 +384,19 @@ def _ssd_fwd(x, dt, A, B, C, D, initial_states, chunk_size, transpoint, layout):
         final = init.clone() if init is not None else torch.zeros(
             layout.num_docs, H, P, N, dtype=torch.float32, device=x.device)
     docs, flags, pos = layout.arrays() if layout is not None else (lam, lam, lam)
-    state_bp, state_bn = _state_block_sizes(P, N)
-    _states_fwd_kernel[(batch * H, triton.cdiv(P, state_bp), triton.cdiv(N, state_bn))](
+    BH = _bh_bucket(batch, H)
+    state_grid = lambda meta: (batch * H, triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(N, meta["BLOCK_N"]))
+    _states_fwd_kernel[state_grid](
         x, B, dt_pad, lam, init if init is not None else final, states, final, docs, flags,
-        T, num_chunks * L, H, G, P, N, num_chunks, *_row_strides(x, B),
-        L=L, BLOCK_P=state_bp, BLOCK_N=state_bn,
-        HAS_INIT=init is not None, PACKED=layout is not None, IEEE=ieee)
-    grid = (num_chunks, batch * H, triton.cdiv(P, block_p))
+        T, num_chunks * L, BH, H, G, P, N, num_chunks, *_row_strides(x, B),
+        L=L, HAS_INIT=init is not None, PACKED=layout is not None, IEEE=ieee,
+        **_launch_blocks("states", P, N))
+    grid = lambda meta: (num_chunks, batch * H, triton.cdiv(P, meta["BLOCK_P"]))
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _chunk_scan_fwd_kernel[grid](x, B, C, dt_pad, lam, D, states, y, pos, T, num_chunks * L, H, G,
-                                 P, N, num_chunks, transpoint, *_row_strides(x, B, C), L=L,
-                                 BLOCK_P=block_p, BLOCK_N=block_n, PACKED=layout is not None,
-                                 IEEE=ieee)
+    _chunk_scan_fwd_kernel[grid](x, B, C, dt_pad, lam, D, states, y, pos, T, num_chunks * L, BH, H,
+                                 G, P, N, num_chunks, transpoint, *_row_strides(x, B, C), L=L,
+                                 BLOCK_N=block_n, PACKED=layout is not None, IEEE=ieee,
+                                 **_launch_blocks("chunk", P, N))
     return y, final, states, dt_pad, lam
 
 
@@ -361,24 +407,25 @@ def _ssd_bwd(dy, dfinal, x, dt, A, B, C, D, states, final, dt_pad, lam, chunk_si
     L = chunk_size
     num_chunks = states.shape[1]
     T_pad = num_chunks * L
-    block_p, block_n = _block_sizes(P, N)
+    block_n = max(16, triton.next_power_of_2(N))
     ieee = x.dtype == torch.float32
     dy = dy.contiguous()
     dstates = torch.empty_like(states)
-    state_bp, state_bn = _state_block_sizes(P, N)
-    state_grid = (batch * H, triton.cdiv(P, state_bp), triton.cdiv(N, state_bn))
-    num_blocks = state_grid[1] * state_grid[2]
+    BH = _bh_bucket(batch, H)
+    state_grid = lambda meta: (batch * H, triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(N, meta["BLOCK_N"]))
+    # One partial sum per state block of the tiling the autotuner picks; unused slots stay zero.
+    num_blocks = triton.cdiv(P, _MIN_STATE_BLOCK) * triton.cdiv(N, _MIN_STATE_BLOCK)
     if layout is None:
         dinit = torch.empty(batch, H, P, N, dtype=torch.float32, device=x.device)
     else:  # an empty document passes its final-state gradient straight to its initial state
         dinit = dfinal.float().clone() if dfinal is not None else torch.zeros_like(final)
     docs, flags, pos = layout.arrays() if layout is not None else (lam, lam, lam)
-    dlam_end = torch.empty(batch, num_chunks, H, num_blocks, dtype=torch.float32, device=x.device)
+    dlam_end = torch.zeros(batch, num_chunks, H, num_blocks, dtype=torch.float32, device=x.device)
     _states_bwd_kernel[state_grid](
         dy, C, lam, states, final, dfinal.contiguous() if dfinal is not None else final, dstates,
-        dinit, dlam_end, docs, flags, pos, T, T_pad, H, G, P, N, num_chunks, transpoint, num_blocks,
-        *_row_strides(C), L=L, BLOCK_P=state_bp, BLOCK_N=state_bn, HAS_DFINAL=dfinal is not None,
-        PACKED=layout is not None, IEEE=ieee)
+        dinit, dlam_end, docs, flags, pos, T, T_pad, BH, H, G, P, N, num_chunks, transpoint,
+        num_blocks, *_row_strides(C), L=L, HAS_DFINAL=dfinal is not None,
+        PACKED=layout is not None, IEEE=ieee, **_launch_blocks("states", P, N))
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     # One group per head: the per-head gradients are the answer, written in B's dtype.
     per_head_dtype = B.dtype if G == H else torch.float32
@@ -389,8 +436,8 @@ def _ssd_bwd(dy, dfinal, x, dt, A, B, C, D, states, final, dt_pad, lam, chunk_si
     dd = torch.empty(batch, num_chunks, H, P, dtype=torch.float32, device=x.device)
     _chunk_bwd_kernel[(num_chunks, batch * H)](
         x, B, C, dt_pad, lam, D, states, dstates, dy, dx, db, dc, ddt, dlam, dd, pos,
-        T, T_pad, H, G, P, N, num_chunks, transpoint, *_row_strides(x, B, C), L=L,
-        BLOCK_P=block_p, BLOCK_N=block_n, PACKED=layout is not None, IEEE=ieee)
+        T, T_pad, BH, H, G, P, N, num_chunks, transpoint, *_row_strides(x, B, C), L=L,
+        BLOCK_N=block_n, PACKED=layout is not None, IEEE=ieee, **_launch_blocks("chunk", P, N))
     # The chunk-end log decay also scales the state leaving the chunk.
     dlam = dlam.view(batch, num_chunks, L, H)
     dlam[:, :, L - 1] += dlam_end.sum(-1)

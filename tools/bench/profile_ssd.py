@@ -10,6 +10,7 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from transmamba_kernels.ssd import chunk
 from transmamba_kernels.ssd.chunk import chunk_ssd_triton
 
 
@@ -40,6 +41,8 @@ def main(argv=None) -> int:
             torch.autograd.grad(chunk_ssd_triton(x, dt, A, B, C, args.chunk, D=D), (x, dt, B, C), dy)
         torch.cuda.synchronize()
     print(f"B={Bt} T={T} H={H} G={G} P={P} N={N} chunk={args.chunk}, 5 forward+backward calls")
+    for name in ("_states_fwd_kernel", "_chunk_scan_fwd_kernel", "_states_bwd_kernel", "_chunk_bwd_kernel"):
+        print(f"  {name}: autotuned {getattr(getattr(chunk, name), 'best_config', None)}")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     return 0
 
