@@ -76,7 +76,9 @@ class TransMambaConfig(TransformerConfig):
     mixer_backend: str = "torch"
     """Implementation of the mixer core, chosen explicitly (no silent fallback). ``torch``: SDPA +
     Memory Converter + chunked SSD in plain PyTorch (the executable specification). ``triton``:
-    SDPA + the Triton SSD with the TransPoint (Memory Converter fused into its state passing)."""
+    SDPA + the Triton SSD with the TransPoint (Memory Converter fused into its state passing),
+    the fused conv and gated norm; the model's pre-norms (``layers/norm.RMSNorm``) then also use
+    the fused Triton RMSNorm."""
 
     share_embeddings_and_output_weights: bool = False
     """Tie the LM head to the input embedding: one [V, d] matrix (V/tp rows per tensor-parallel

@@ -69,7 +69,7 @@ def drive_kernels(recorder: Recorder, only: str) -> None:
     """Calls the wrappers in the variants the model uses: bf16 training, fp32 (exact), packed."""
     sys.path.insert(0, ROOT)
     from kernels.conv.causal_conv import causal_conv1d_silu_triton
-    from kernels.norm.gated_rmsnorm import gated_rmsnorm_triton
+    from kernels.norm.gated_rmsnorm import gated_rmsnorm_triton, rmsnorm_triton
     from kernels.ssd.chunk import chunk_ssd_triton
 
     def grad(out, *leaves):
@@ -102,6 +102,9 @@ def drive_kernels(recorder: Recorder, only: str) -> None:
                 recorder.context = f"norm {dtype} position_ids={positions is not None}"
                 yn, z, w = leaf(batch, T, 256), leaf(batch, T, 256), leaf(256)
                 grad(gated_rmsnorm_triton(yn, z, w, 4, 1e-5, 50, position_ids=positions), yn, z, w)
+            recorder.context = f"rmsnorm {dtype}"
+            xn, w = leaf(T, batch, 1536), leaf(1536)
+            grad(rmsnorm_triton(xn, w, 1e-5), xn, w)
 
 
 def main(argv=None) -> int:

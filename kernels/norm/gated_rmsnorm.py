@@ -14,13 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["gated_rmsnorm_triton"]
+__all__ = ["gated_rmsnorm_triton", "rmsnorm_triton"]
 
 
 @triton.jit
 def _gated_rmsnorm_fwd_kernel(y_ptr, z_ptr, w_ptr, pos_ptr, out_ptr, rstd_ptr, rows, T, G, GS, eps,
                               transpoint, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-                              HAS_POS: tl.constexpr):
+                              HAS_POS: tl.constexpr, HAS_Z: tl.constexpr):
     pid_t, g = tl.program_id(0), tl.program_id(1)
     c = tl.arange(0, BLOCK_C)
     mask_c = c < GS
@@ -30,13 +30,14 @@ def _gated_rmsnorm_fwd_kernel(y_ptr, z_ptr, w_ptr, pos_ptr, out_ptr, rstd_ptr, r
         if row < rows:
             off = (row * G + g) * GS + c
             y = tl.load(y_ptr + off, mask=mask_c, other=0.0).to(tl.float32)
-            if HAS_POS:
-                position = tl.load(pos_ptr + row)
-            else:
-                position = row % T
-            if position >= transpoint:
-                z = tl.load(z_ptr + off, mask=mask_c, other=0.0).to(tl.float32)
-                y = y * z * tl.sigmoid(z)
+            if HAS_Z:
+                if HAS_POS:
+                    position = tl.load(pos_ptr + row)
+                else:
+                    position = row % T
+                if position >= transpoint:
+                    z = tl.load(z_ptr + off, mask=mask_c, other=0.0).to(tl.float32)
+                    y = y * z * tl.sigmoid(z)
             rstd = 1.0 / tl.sqrt(tl.sum(y * y, axis=0) / GS + eps)
             tl.store(out_ptr + off, (y * rstd * w).to(out_ptr.dtype.element_ty), mask=mask_c)
             tl.store(rstd_ptr + row * G + g, rstd)
@@ -45,7 +46,7 @@ def _gated_rmsnorm_fwd_kernel(y_ptr, z_ptr, w_ptr, pos_ptr, out_ptr, rstd_ptr, r
 @triton.jit
 def _gated_rmsnorm_bwd_kernel(y_ptr, z_ptr, w_ptr, pos_ptr, rstd_ptr, dout_ptr, dy_ptr, dz_ptr,
                               dw_ptr, rows, T, G, GS, transpoint, BLOCK_T: tl.constexpr,
-                              BLOCK_C: tl.constexpr, HAS_POS: tl.constexpr):
+                              BLOCK_C: tl.constexpr, HAS_POS: tl.constexpr, HAS_Z: tl.constexpr):
     pid_t, g = tl.program_id(0), tl.program_id(1)
     c = tl.arange(0, BLOCK_C)
     mask_c = c < GS
@@ -58,24 +59,31 @@ def _gated_rmsnorm_bwd_kernel(y_ptr, z_ptr, w_ptr, pos_ptr, rstd_ptr, dout_ptr, 
             y = tl.load(y_ptr + off, mask=mask_c, other=0.0).to(tl.float32)
             dout = tl.load(dout_ptr + off, mask=mask_c, other=0.0).to(tl.float32)
             rstd = tl.load(rstd_ptr + row * G + g)
-            if HAS_POS:
-                gated = tl.load(pos_ptr + row) >= transpoint
+            if HAS_Z:
+                if HAS_POS:
+                    gated = tl.load(pos_ptr + row) >= transpoint
+                else:
+                    gated = row % T >= transpoint
+                z = tl.load(z_ptr + off, mask=mask_c & gated, other=0.0).to(tl.float32)
+                sig = tl.sigmoid(z)
+                h = tl.where(gated, y * z * sig, y)
             else:
-                gated = row % T >= transpoint
-            z = tl.load(z_ptr + off, mask=mask_c & gated, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(z)
-            h = tl.where(gated, y * z * sig, y)
+                h = y
             xhat = h * rstd
             dw += dout * xhat
             dxhat = dout * w
             dh = rstd * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=0) / GS))
-            tl.store(dy_ptr + off, tl.where(gated, dh * z * sig, dh).to(dy_ptr.dtype.element_ty),
-                     mask=mask_c)
-            if gated:
-                dz = dh * y * sig * (1.0 + z * (1.0 - sig))
-                tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=mask_c)
+            if HAS_Z:
+                tl.store(dy_ptr + off, tl.where(gated, dh * z * sig, dh).to(dy_ptr.dtype.element_ty),
+                         mask=mask_c)
+                if gated:
+                    dz = dh * y * sig * (1.0 + z * (1.0 - sig))
+                    tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=mask_c)
+                else:
+                    tl.store(dz_ptr + off, tl.zeros([BLOCK_C], dtype=dz_ptr.dtype.element_ty),
+                             mask=mask_c)
             else:
-                tl.store(dz_ptr + off, tl.zeros([BLOCK_C], dtype=dz_ptr.dtype.element_ty), mask=mask_c)
+                tl.store(dy_ptr + off, dh.to(dy_ptr.dtype.element_ty), mask=mask_c)
     tl.store(dw_ptr + (pid_t * G + g) * GS + c, dw, mask=mask_c)
 
 
@@ -91,9 +99,11 @@ class _GatedRMSNorm(torch.autograd.Function):
         rstd = torch.empty(rows, groups, dtype=torch.float32, device=y.device)
         grid = (triton.cdiv(rows, _BLOCK_T), groups)
         has_pos = position_ids is not None
-        _gated_rmsnorm_fwd_kernel[grid](y, z, weight, position_ids if has_pos else rstd, out, rstd,
+        _gated_rmsnorm_fwd_kernel[grid](y, z if z is not None else y, weight,
+                                        position_ids if has_pos else rstd, out, rstd,
                                         rows, T, groups, gs, eps, transpoint, BLOCK_T=_BLOCK_T,
-                                        BLOCK_C=triton.next_power_of_2(gs), HAS_POS=has_pos)
+                                        BLOCK_C=triton.next_power_of_2(gs), HAS_POS=has_pos,
+                                        HAS_Z=z is not None)
         ctx.save_for_backward(y, z, weight, rstd, position_ids)
         ctx.groups, ctx.transpoint = groups, transpoint
         return out
@@ -104,14 +114,16 @@ class _GatedRMSNorm(torch.autograd.Function):
         batch, T, width = y.shape
         rows, groups = batch * T, ctx.groups
         gs = width // groups
-        dy, dz = torch.empty_like(y), torch.empty_like(z)
+        dy = torch.empty_like(y)
+        dz = torch.empty_like(z) if z is not None else None
         blocks = triton.cdiv(rows, _BLOCK_T)
         dw = torch.empty(blocks, groups, gs, dtype=torch.float32, device=y.device)
         has_pos = position_ids is not None
         _gated_rmsnorm_bwd_kernel[(blocks, groups)](
-            y, z, weight, position_ids if has_pos else rstd, rstd, dout.contiguous(), dy, dz, dw,
+            y, z if z is not None else y, weight, position_ids if has_pos else rstd, rstd,
+            dout.contiguous(), dy, dz if dz is not None else dy, dw,
             rows, T, groups, gs, ctx.transpoint, BLOCK_T=_BLOCK_T,
-            BLOCK_C=triton.next_power_of_2(gs), HAS_POS=has_pos)
+            BLOCK_C=triton.next_power_of_2(gs), HAS_POS=has_pos, HAS_Z=z is not None)
         return dy, dz, dw.sum(0).reshape(width).to(weight.dtype), None, None, None, None
 
 
@@ -134,3 +146,18 @@ def gated_rmsnorm_triton(y, z, weight, groups: int, eps: float, transpoint: int,
         position_ids = position_ids.contiguous()
     return _GatedRMSNorm.apply(y.contiguous(), z.contiguous(), weight, int(groups), float(eps),
                                max(0, int(transpoint)), position_ids)
+
+
+def rmsnorm_triton(x, weight, eps: float):
+    """Fused plain RMSNorm over the last dim: x [..., C] (any leading dims, e.g. megatron's
+    [S, B, d]), weight [C] -> x / sqrt(mean(x^2) + eps) * weight in x's dtype, computed in
+    float32 (the ungated ``HAS_Z=False`` specialisation of the gated kernels: one read and one
+    write forward, where PyTorch makes about eight passes and launches about twenty kernels
+    forward and backward)."""
+    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"weight must be [C] = [{x.shape[-1]}], got {tuple(weight.shape)}")
+    if x.dtype == torch.float64:
+        raise TypeError("rmsnorm_triton: float64 is not supported (use the PyTorch RMSNorm)")
+    rows = x.reshape(1, -1, x.shape[-1])
+    out = _GatedRMSNorm.apply(rows.contiguous(), None, weight, 1, float(eps), 0, None)
+    return out.view(x.shape)

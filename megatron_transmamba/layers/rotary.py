@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+# cos and sign-folded sin of each table (the model passes one table to every layer), per
+# compute dtype, rebuilt when the table changes in place: every layer slices them instead of
+# launching cos/sin/neg kernels again.
+_TRIG = WeakIdKeyDictionary()
 
 
 def rope_table(seq_len: int, dim: int, theta: float, device=None) -> Tensor:
@@ -18,12 +24,29 @@ def rope_table(seq_len: int, dim: int, theta: float, device=None) -> Tensor:
     return torch.cat([angles, angles], dim=-1)[:, None, None, :]
 
 
+def _cos_sin(table: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin [S, dim] of the table's angles in ``acc``, the sin's first half negated (the
+    rotate-half sign)."""
+    cached = _TRIG.get(table, {}).get(acc)
+    if cached is not None and cached[0] == table._version:
+        return cached[1]
+    with torch.no_grad():
+        angles = table[:, 0, 0].to(acc)
+        half = angles.shape[-1] // 2
+        sin = angles.sin()
+        sin[:, :half].neg_()
+        value = (angles.cos(), sin)
+    _TRIG.setdefault(table, {})[acc] = (table._version, value)
+    return value
+
+
 def apply_rope(t: Tensor, table: Tensor) -> Tensor:
-    """Rotate t [B, p, heads, dim] by the angles of positions 0..p-1 in ``table``."""
+    """Rotate t [B, p, heads, dim] by the angles of positions 0..p-1 in ``table``:
+    t cos + rotate_half(t) sin, with rotate_half(t) = [-t2, t1] = roll(t, dim/2) * sign."""
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    angles = table[: t.shape[1], 0, 0].to(acc)                          # [p, dim]
-    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    cos, signed_sin = _cos_sin(table, acc)
+    p = t.shape[1]
+    cos, signed_sin = cos[None, :p, None, :], signed_sin[None, :p, None, :]
     t_acc = t.to(acc)
-    half = t.shape[-1] // 2
-    rotated = torch.cat([-t_acc[..., half:], t_acc[..., :half]], dim=-1)
-    return (t_acc * cos + rotated * sin).to(t.dtype)
+    rolled = torch.roll(t_acc, t.shape[-1] // 2, dims=-1)
+    return torch.addcmul(t_acc * cos, rolled, signed_sin).to(t.dtype)

@@ -166,7 +166,9 @@ class TransMambaMixer(MegatronModule):
         C = C.reshape(batch, seq_len, self.groups, self.state_dim)
         # float32 (float64 for a float64 model, so that it is an exact reference)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc)).clamp(*self.config.dt_limit)
+        dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))
+        if tuple(self.config.dt_limit) != (0.0, math.inf):   # softplus is already in (0, inf)
+            dt = dt.clamp(*self.config.dt_limit)
         A = -torch.exp(self.A_log.to(dt.dtype))
 
         rotary = None

@@ -63,7 +63,10 @@ class StepProfiler:
         lines = [f"profile of steps {self.first_step}-{self.last_step} on rank {self.rank} "
                  f"({wall * 1e3 / steps:.1f} ms a step), trace {trace}"]
         if on_gpu:
-            kernels = sum(e.self_device_time_total for e in events) / 1e6       # us -> s
+            # the device-side events only (kernels, copies): an operator's self device time is
+            # that of the kernels it launched, which are listed themselves as well
+            kernels = sum(e.self_device_time_total for e in events
+                          if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6   # us -> s
             lines.append(f"device busy {kernels * 1e3 / steps:.1f} ms a step of "
                          f"{wall * 1e3 / steps:.1f} ms wall ({100 * kernels / wall:.0f}%); "
                          f"the rest the device waits for the host")

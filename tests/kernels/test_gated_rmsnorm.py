@@ -101,3 +101,26 @@ def test_position_ids_default_is_the_row_position():
                                gated_rmsnorm_triton(y, z, w, 2, 1e-5, 4), rtol=0, atol=0)
     with pytest.raises(ValueError, match="position_ids"):
         gated_rmsnorm_triton(y, z, w, 2, 1e-5, 4, position_ids=positions.float())
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 24), (1, 1, 40), (33, 2, 96)])
+@pytest.mark.parametrize("dtype,ratio", [(torch.float32, 1e-6), (torch.float16, 2e-3)])
+def test_plain_rmsnorm_matches_float64(shape, dtype, ratio):
+    """The ungated specialisation (the model's pre-norms, megatron's [S, B, d] layout)."""
+    from transmamba_kernels.norm.gated_rmsnorm import rmsnorm_triton
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=g).to(dtype)
+    w = torch.rand(shape[-1], generator=g) + 0.5
+    leaves = [x.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+    ref_leaves = [x.double().requires_grad_(True), w.double().requires_grad_(True)]
+    out = rmsnorm_triton(leaves[0], leaves[1], 1e-5)
+    h = ref_leaves[0]
+    ref = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * ref_leaves[1]
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_close("out", ref, out.double(), ratio)
+    dout = torch.randn(shape, generator=g)
+    (out.float() * dout).sum().backward()
+    (ref * dout.double()).sum().backward()
+    assert_close("dx", ref_leaves[0].grad, leaves[0].grad.double(), ratio)
+    assert_close("dw", ref_leaves[1].grad, leaves[1].grad.double(), ratio)

@@ -77,3 +77,27 @@ def test_triton_core_splice_equals_torch_core(p, needs_grad):
     assert results[0][1].keys() == results[1][1].keys()
     for name in results[0][1]:
         assert_close(f"d{name}", results[0][1][name], results[1][1][name], 1e-5)
+
+
+def test_pre_norm_uses_the_fused_kernel_with_the_triton_backend():
+    """``layers/norm.RMSNorm`` (every pre-norm and the final norm) runs the fused Triton RMSNorm
+    under ``mixer_backend: triton`` and gives the PyTorch norm's output and gradients."""
+    from megatron_transmamba.layers.norm import RMSNorm
+
+    norms = []
+    for backend in ("torch", "triton"):
+        cfg = make(backend).config
+        norm = RMSNorm(cfg, 16, eps=1e-5)
+        with torch.no_grad():
+            norm.weight.copy_(torch.linspace(0.5, 1.5, 16))
+        norms.append(norm)
+    assert (norms[0].fused, norms[1].fused) == (False, True)
+    x = torch.randn(11, 2, 16)
+    results = []
+    for norm in norms:
+        leaf = x.clone().requires_grad_(True)
+        out = norm(leaf)
+        (out * torch.arange(16.0)).sum().backward()
+        results.append((out, leaf.grad, norm.weight.grad))
+    for name, a, b in zip(("out", "dx", "dweight"), *results):
+        assert_close(name, a, b, 1e-6)
