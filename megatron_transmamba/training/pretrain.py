@@ -42,6 +42,7 @@ from megatron_transmamba.parallel.initialize import (destroy_distributed, initia
 from megatron_transmamba.parallel.pipeline import rank_stages, split_layer_pattern, strip_stage_marks
 from megatron_transmamba.training import checkpoint as ckpt
 from megatron_transmamba.training.config import RunConfig
+from megatron_transmamba.training.multi_tensor import install_foreach_multi_tensor_ops
 from megatron_transmamba.training.profiling import StepProfiler
 from megatron_transmamba.training.metrics import (Throughput, format_bytes, memory_estimate_bytes,
                                                   peak_tflops, throughput)
@@ -225,6 +226,7 @@ def freeze_unused_parameters(model, vocab_size: int, seq_length: int,
 def build_optimizer(ddp_model, t, bf16: bool, params_dtype: torch.dtype,
                     use_distributed_optimizer: bool = False):
     """megatron-core Adam(W) with global-norm clipping and its warmup + decay LR scheduler."""
+    install_foreach_multi_tensor_ops()
     ddp_models = ddp_model if isinstance(ddp_model, list) else [ddp_model]
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
