@@ -151,7 +151,9 @@ def main(argv=None) -> int:
     run_op(f"causal conv1d + SiLU, [{B}, {T}, {conv_c}], W = 4, packed documents (mean {mean_doc})",
            causal_conv1d_silu_naive, [("Triton bf16", causal_conv1d_silu_triton)],
            lambda dtype: conv_args(dtype, seq_idx), conv_grads)
-    x16, w16, b16, _ = conv_args(torch.bfloat16)
+    # the model's dtypes: bf16 activations and bf16 conv weight and bias (params_dtype)
+    x16, w16, b16 = (t.detach().to(torch.bfloat16).requires_grad_(True)
+                     for t in conv_args(torch.bfloat16)[:3])
     conv_tilings(x16, w16, b16)
     conv_tilings(x16, w16, b16, seq_idx, full=False)
 
