@@ -68,6 +68,33 @@ def compare(inputs, chunk_size, transpoint, ratio_fwd, ratio_bwd, seed=1):
         assert_close(f"d{name}", ref, leaf.grad.double(), ratio_bwd)
 
 
+def positions_in_documents(lengths, T):
+    pos = torch.cat([torch.arange(n) for n in lengths]) if lengths else torch.zeros(0)
+    assert len(pos) == T
+    return pos
+
+
+def compare_packed(lengths, H, P, G, N, transpoint, seed=3):
+    """Packed documents (cu_seqlens, one initial state each) in float32 against the float64
+    reference: outputs, final states and every input's gradient within 1e-5."""
+    T = sum(lengths)
+    inputs = make_inputs(1, T, H, P, G, N, torch.float32, init=False)
+    inputs["initial_states"] = torch.randn(len(lengths), H, P, N)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()))
+    y, final, leaves = run(chunk_ssd_triton, inputs, 16, transpoint=transpoint, cu_seqlens=cu)
+    ref_inputs = {k: v.double() for k, v in inputs.items()}
+    y_ref, final_ref, ref_leaves = run(chunk_ssd_naive, ref_inputs, 16, cu_seqlens=cu)
+    y_ref = y_ref * (positions_in_documents(lengths, T) >= transpoint)[None, :, None, None]
+    assert_close("y", y_ref, y.double(), 1e-5)
+    assert_close("final_states", final_ref, final.double(), 1e-5)
+    g = torch.Generator().manual_seed(seed)
+    dy, dfinal = torch.randn(y.shape, generator=g), torch.randn(final.shape, generator=g)
+    ((y * dy).sum() + (final * dfinal).sum()).backward()
+    ((y_ref * dy.double()).sum() + (final_ref * dfinal.double()).sum()).backward()
+    for name, leaf in leaves.items():
+        assert_close(f"d{name}", ref_leaves[name].grad, leaf.grad.double(), 1e-5)
+
+
 @pytest.mark.parametrize("T,transpoint", [(1, 0), (7, 0), (37, 0), (37, 1), (37, 20), (37, 16),
                                           (37, 32), (37, 37), (64, 63)])
 def test_float32_matches_reference(T, transpoint):
@@ -135,22 +162,7 @@ def test_other_tilings_match_reference(packed, monkeypatch):
     if not packed:
         compare(make_inputs(2, 37, 2, 40, 1, 56, torch.float32), 16, 20, 1e-5, 1e-5)
         return
-    lengths = [9, 25]
-    inputs = make_inputs(1, 34, 2, 40, 1, 56, torch.float32, init=False)
-    inputs["initial_states"] = torch.randn(2, 2, 40, 56)
-    cu = torch.tensor([0, 9, 34])
-    y, final, leaves = run(chunk_ssd_triton, inputs, 16, transpoint=4, cu_seqlens=cu)
-    y_ref, final_ref, ref_leaves = run(chunk_ssd_naive, {k: v.double() for k, v in inputs.items()},
-                                       16, cu_seqlens=cu)
-    y_ref = y_ref * (positions_in_documents(lengths, 34) >= 4)[None, :, None, None]
-    assert_close("y", y_ref, y.double(), 1e-5)
-    assert_close("final_states", final_ref, final.double(), 1e-5)
-    g = torch.Generator().manual_seed(5)
-    dy, dfinal = torch.randn(y.shape, generator=g), torch.randn(final.shape, generator=g)
-    ((y * dy).sum() + (final * dfinal).sum()).backward()
-    ((y_ref * dy.double()).sum() + (final_ref * dfinal.double()).sum()).backward()
-    for name, leaf in leaves.items():
-        assert_close(f"d{name}", ref_leaves[name].grad, leaf.grad.double(), 1e-5)
+    compare_packed([9, 25], 2, 40, 1, 56, transpoint=4)
 
 
 def test_bad_arguments_are_clear():
@@ -165,10 +177,6 @@ def test_bad_arguments_are_clear():
         chunk_ssd_triton(inputs["x"], inputs["dt"], inputs["A"], inputs["B"][:, :4], inputs["C"], 16)
 
 
-def positions_in_documents(lengths, T):
-    pos = torch.cat([torch.arange(n) for n in lengths]) if lengths else torch.zeros(0)
-    assert len(pos) == T
-    return pos
 
 
 @pytest.mark.parametrize("lengths,transpoint", [([5, 20, 12], 0), ([5, 20, 12], 7),
@@ -176,23 +184,7 @@ def positions_in_documents(lengths, T):
 def test_packed_documents_match_reference(lengths, transpoint):
     """cu_seqlens: the state resets per document, each starts from its own initial state, and
     the TransPoint counts from each document's first token."""
-    T = sum(lengths)
-    inputs = make_inputs(1, T, 4, 8, 2, 16, torch.float32, init=False)
-    inputs["initial_states"] = torch.randn(len(lengths), 4, 8, 16)
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()))
-    y, final, leaves = run(chunk_ssd_triton, inputs, 16, transpoint=transpoint, cu_seqlens=cu)
-    ref_inputs = {k: v.double() for k, v in inputs.items()}
-    y_ref, final_ref, ref_leaves = run(chunk_ssd_naive, ref_inputs, 16, cu_seqlens=cu)
-    rows = (positions_in_documents(lengths, T) >= transpoint)[None, :, None, None]
-    y_ref = y_ref * rows
-    assert_close("y", y_ref, y.double(), 1e-5)
-    assert_close("final_states", final_ref, final.double(), 1e-5)
-    g = torch.Generator().manual_seed(3)
-    dy, dfinal = torch.randn(y.shape, generator=g), torch.randn(final.shape, generator=g)
-    ((y * dy).sum() + (final * dfinal).sum()).backward()
-    ((y_ref * dy.double()).sum() + (final_ref * dfinal.double()).sum()).backward()
-    for name, leaf in leaves.items():
-        assert_close(f"d{name}", ref_leaves[name].grad, leaf.grad.double(), 1e-5)
+    compare_packed(lengths, 4, 8, 2, 16, transpoint)
 
 
 def test_packed_seq_idx_over_two_rows():
