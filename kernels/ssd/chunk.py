@@ -42,7 +42,10 @@ def _tuned(blocks: dict, warps=(4, 8), stages=(1, 2, 3), **autotune_kwargs):
     are pruned. The key is (P, N, L, BH): BH, the power of two at or above batch * heads, says
     how many programs a grid has, which decides whether small or large blocks win. The
     interpreter runs one config (NOTES), with the block sizes the launcher passes explicitly
-    (``_interpreter_blocks``)."""
+    (``_interpreter_blocks``). The choice is cached on disk with Triton's kernel cache
+    (``cache_results``): the first process on a machine times the configs, later ones (a
+    resumed run, ranks started later) read its choice, so they run the same kernels and skip
+    the timing."""
     if _INTERPRET:
         return triton.autotune(configs=[triton.Config({}, num_warps=4)], key=[])
     names = list(blocks)
@@ -60,7 +63,8 @@ def _tuned(blocks: dict, warps=(4, 8), stages=(1, 2, 3), **autotune_kwargs):
         return [c for c in configs if c.kwargs[names[0]] == smallest]
 
     return triton.autotune(configs=configs, key=["P", "N", "L", "BH"],
-                           prune_configs_by={"early_config_prune": prune}, **autotune_kwargs)
+                           prune_configs_by={"early_config_prune": prune}, cache_results=True,
+                           **autotune_kwargs)
 
 
 def _interpreter_blocks(kernel: str, P: int, N: int) -> dict:
