@@ -28,6 +28,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
@@ -243,14 +244,26 @@ def build_optimizer(ddp_model, t, bf16: bool, params_dtype: torch.dtype,
 
 def optimizer_step(optimizer) -> tuple[bool, float]:
     """megatron-core's optimizer step, taken only when the global gradient norm is finite:
-    returns (applied, gradient norm). The norm is computed once more before the step (one extra
-    pass over the gradients), so that a NaN/inf never reaches the weights or Adam's moments."""
-    optimizer.prepare_grads()
+    returns (applied, gradient norm).
+
+    The parts of ``MegatronOptimizer.step`` / ``ChainedOptimizer.step`` run here in its order
+    (prepare the main gradients, global norm, clip every part by it, update), so the gradients
+    are prepared and their norm computed once, and a NaN/inf norm stops before the clip and the
+    update: it never reaches the weights or Adam's moments."""
+    if optimizer.prepare_grads():                     # a loss scaler found inf/NaN
+        return False, float("nan")
     grad_norm = float(optimizer.get_grad_norm() or 0.0)
     if not math.isfinite(grad_norm):
         return False, grad_norm
-    applied, grad_norm, _ = optimizer.step()
-    return applied, float(grad_norm or 0.0)
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(part, "is_stub_optimizer", False) or part.config.clip_grad <= 0.0:
+            continue
+        params = part.get_parameters()
+        if params:
+            clip_grad_by_total_norm_fp32(
+                params, max_norm=part.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return optimizer.step_with_ready_grads(), grad_norm
 
 
 class TrainingDivergedError(RuntimeError):
