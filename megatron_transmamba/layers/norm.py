@@ -23,15 +23,17 @@ class RMSNorm(nn.Module):
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
-        self.fused = getattr(config, "mixer_backend", "torch") == "triton"
+        self.fused = None                     # the Triton kernel with the triton backend
+        if getattr(config, "mixer_backend", "torch") == "triton":
+            from transmamba_kernels.norm.gated_rmsnorm import rmsnorm_triton
+
+            self.fused = rmsnorm_triton
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused:
-            from transmamba_kernels.norm.gated_rmsnorm import rmsnorm_triton
-
-            return rmsnorm_triton(x, self.weight, self.eps)
+        if self.fused is not None:
+            return self.fused(x, self.weight, self.eps)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         h = x.to(acc)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
