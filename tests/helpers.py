@@ -47,3 +47,28 @@ def nan_filled_buffers(monkeypatch, module):
                 pass
     fake.empty, fake.empty_like = nan_filled(real_empty), nan_filled(real_empty_like)
     monkeypatch.setattr(module, "torch", fake)
+
+
+def short_documents_corpus(prefix: str, alphabet: str, max_length: int, count: int) -> str:
+    """An indexed byte-tokenised corpus at ``prefix`` of ``count`` random documents of 1 to
+    ``max_length`` characters of ``alphabet`` (seeded): short documents, so packed samples hold
+    several EOD tokens. Returns ``prefix``."""
+    import random
+
+    from megatron_transmamba.data.preprocess import build_indexed_dataset
+    from megatron_transmamba.data.tokenizer import ByteTokenizer
+
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, max_length)))
+             for _ in range(count)]
+    build_indexed_dataset(texts, ByteTokenizer(), prefix)
+    return prefix
+
+
+def perturb_norms_and_dt(model) -> None:
+    """Make the mixers' dt, D and the norms non-trivial (a fresh model has unit norms and D),
+    so an export or import that drops one of them changes the outputs."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "norm_weight", "D", "dt_bias")):
+                p.add_(0.3 * torch.randn_like(p))

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import torch
 
-_INSTALLED = False
-
 
 def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """``amp_C.multi_tensor_l2norm``: ([1] float32 global L2 norm, None), on the tensors' device."""
@@ -39,18 +37,14 @@ def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
 
 def install_foreach_multi_tensor_ops() -> bool:
     """Point megatron-core's optimizer at the foreach versions where it uses its local fallbacks
-    (Transformer Engine's and apex's fused kernels are left in place). True if installed."""
-    global _INSTALLED
+    (Transformer Engine's and apex's fused kernels are left in place). True if they are in use
+    after the call."""
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads, optimizer
 
-    replaced = False
     if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
         clip_grads.l2_norm_impl = foreach_l2_norm
-        replaced = True
     for module in (clip_grads, optimizer):
         if module.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
             module.multi_tensor_scale_impl = foreach_scale
-            replaced = True
-    _INSTALLED = _INSTALLED or replaced
-    return _INSTALLED
+    return clip_grads.l2_norm_impl is foreach_l2_norm

@@ -1,14 +1,12 @@
 """``data.reset_at_eod``: samples split after every EOD token, positions restarting there, and
 ``cu_seqlens`` in every micro-batch; with the option off the batches are those of before."""
 
-import random
-
 import pytest
 import torch
 
+from helpers import short_documents_corpus
 from megatron_transmamba.data.config import DataConfig
 from megatron_transmamba.data.datasets import build_data_loader, build_pretraining_datasets
-from megatron_transmamba.data.preprocess import build_indexed_dataset
 from megatron_transmamba.data.tokenizer import ByteTokenizer
 
 SEQ = 40
@@ -17,11 +15,8 @@ SEQ = 40
 @pytest.fixture(scope="module")
 def short_documents(tmp_path_factory):
     """Documents of 1 to 30 bytes, so most samples hold several EOD tokens."""
-    rng = random.Random(0)
-    texts = ["".join(rng.choice("abcdef ") for _ in range(rng.randint(1, 30))) for _ in range(400)]
     prefix = str(tmp_path_factory.mktemp("short") / "short")
-    build_indexed_dataset(texts, ByteTokenizer(), prefix)
-    return prefix
+    return short_documents_corpus(prefix, "abcdef ", 30, 400)
 
 
 def batches(prefix, cache_dir, reset_at_eod, micro_batch=3, count=4):

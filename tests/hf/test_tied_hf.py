@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from helpers import perturb_norms_and_dt
 from megatron_transmamba.hf import export as E
 from megatron_transmamba.hf import weights as W
 from megatron_transmamba.training import checkpoint as ckpt
@@ -28,10 +29,7 @@ def exported(megatron_single_process, tmp_path_factory):
     config = E.model_config_from_run_config(TIED_RUN_CONFIG)
     assert config.share_embeddings_and_output_weights
     model = TransMambaLanguageModel(config, VOCAB).eval()
-    with torch.no_grad():                    # make the mixers' dt, D and norms non-trivial
-        for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", "norm_weight", "D", "dt_bias")):
-                p.add_(0.3 * torch.randn_like(p))
+    perturb_norms_and_dt(model)
     ckpt.save_model_checkpoint(str(root / "train"), 2, model, TIED_RUN_CONFIG)
     summary = E.export_checkpoint(str(root / "train"), str(root / "hf"), tolerance=1e-4)
     return {"root": root, "model": model, "summary": summary, "config": config,

@@ -26,3 +26,14 @@ def run_config(out_dir: Path, save: str = None, resume: bool = False, exit_at_st
         "parallel": parallel,
         "logging": {"progress_bar": False},
     })
+
+
+def single_process_reference(out_dir, **overrides) -> dict:
+    """Losses, gradient norms of steps 1..TRAIN_ITERS and the parameter count of the run
+    trained in this process (the parallel layouts' reference)."""
+    from megatron_transmamba.training.pretrain import pretrain
+
+    result = pretrain(run_config(out_dir, **overrides))
+    return {"losses": [result.train_losses[s] for s in range(1, TRAIN_ITERS + 1)],
+            "grad_norms": [result.grad_norms[s] for s in range(1, TRAIN_ITERS + 1)],
+            "parameters": result.num_parameters}

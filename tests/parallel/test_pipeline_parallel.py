@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from data_parallel_common import TRAIN_ITERS, run_config  # noqa: E402
+from data_parallel_common import TRAIN_ITERS, run_config, single_process_reference  # noqa: E402
 from test_data_parallel import WORKER, losses, read_ranks, torchrun  # noqa: E402
 
 TOL = 1e-5
@@ -29,11 +29,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from megatron_transmamba.training.pretrain import pretrain
-    result = pretrain(run_config(tmp_path_factory.mktemp("single")))
-    return {"losses": [result.train_losses[s] for s in range(1, TRAIN_ITERS + 1)],
-            "grad_norms": [result.grad_norms[s] for s in range(1, TRAIN_ITERS + 1)],
-            "parameters": result.num_parameters}
+    return single_process_reference(tmp_path_factory.mktemp("single"))
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from data_parallel_common import MODEL, TRAIN_ITERS, run_config  # noqa: E402
+from data_parallel_common import (MODEL, TRAIN_ITERS, run_config,  # noqa: E402
+                                  single_process_reference)
 from test_data_parallel import losses, read_ranks, torchrun  # noqa: E402
 
 WORKER = Path(__file__).with_name("tied_embeddings_worker.py")
@@ -36,11 +37,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from megatron_transmamba.training.pretrain import pretrain
-    result = pretrain(run_config(tmp_path_factory.mktemp("single"), model=TIED))
-    return {"losses": [result.train_losses[s] for s in range(1, TRAIN_ITERS + 1)],
-            "grad_norms": [result.grad_norms[s] for s in range(1, TRAIN_ITERS + 1)],
-            "parameters": result.num_parameters}
+    return single_process_reference(tmp_path_factory.mktemp("single"), model=TIED)
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,14 @@ def torchrun(nproc: int, *args) -> list:
             f"--nproc_per_node={nproc}", str(WORKER), *map(str, args)]
 
 
+def launch(nproc: int, *args) -> subprocess.CompletedProcess:
+    """Run the worker under torchrun to the end; fail with its output's tail if it fails."""
+    result = subprocess.run(torchrun(nproc, *args), cwd=REPO_ROOT, env=ENV, capture_output=True,
+                            text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    return result
+
+
 def read_ranks(out_dir: Path, tag: str, nproc: int) -> list:
     return [json.loads((out_dir / f"{tag}rank{rank}.json").read_text()) for rank in range(nproc)]
 
@@ -111,9 +119,7 @@ class Job:
 @pytest.fixture(scope="module")
 def reshard(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("reshard")
-    result = subprocess.run(torchrun(4, "reshard", out_dir), cwd=REPO_ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    result = launch(4, "reshard", out_dir)
     return out_dir, result.stdout, read_ranks(out_dir, "reshard-", 4)
 
 
@@ -155,11 +161,7 @@ def chain(tmp_path_factory):
     config.write_text(yaml.safe_dump(raw_config(out_dir / "data_cache", save,
                                                 train_iters=CHAIN_STEPS)))
     runs = {}
-    result = subprocess.run(torchrun(2, "run", out_dir, config, "ref-",
-                                     "--checkpoint.save=null"),
-                            cwd=REPO_ROOT, env=ENV, capture_output=True, text=True,
-                            timeout=LAUNCH_TIMEOUT_S)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    launch(2, "run", out_dir, config, "ref-", "--checkpoint.save=null")
     runs["reference"] = read_ranks(out_dir, "ref-", 2)
 
     killed = Job(torchrun(2, "run", out_dir, config, "killed-"))
@@ -176,11 +178,7 @@ def chain(tmp_path_factory):
     runs["stopped_output"] = stopped.output()
     runs["stopped"] = read_ranks(out_dir, "stopped-", 2)
 
-    result = subprocess.run(torchrun(2, "run", out_dir, config, "final-",
-                                     "--checkpoint.resume=true"),
-                            cwd=REPO_ROOT, env=ENV, capture_output=True, text=True,
-                            timeout=LAUNCH_TIMEOUT_S)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    launch(2, "run", out_dir, config, "final-", "--checkpoint.resume=true")
     runs["final"] = read_ranks(out_dir, "final-", 2)
     runs["save"] = save
     return runs

@@ -1,12 +1,9 @@
 """A tiny pretraining run with ``data.reset_at_eod``: the trainer hands every micro-batch's
 documents to the model (``lm_forward_step``), and the loss falls."""
 
-import random
-
 import pytest
 
-from megatron_transmamba.data.preprocess import build_indexed_dataset
-from megatron_transmamba.data.tokenizer import ByteTokenizer
+from helpers import short_documents_corpus
 from megatron_transmamba.layers.packed_documents import PackedDocuments
 from megatron_transmamba.training.config import build_run_config
 from megatron_transmamba.training.pretrain import pretrain
@@ -19,11 +16,8 @@ MODEL = dict(layer_pattern="T-*-M-", hidden_size=32, ffn_hidden_size=64, num_att
 @pytest.fixture(scope="module")
 def short_documents(tmp_path_factory):
     """Documents of 1 to 40 bytes of a small alphabet, so samples hold several EOD tokens."""
-    rng = random.Random(0)
-    texts = ["".join(rng.choice("abc \n") for _ in range(rng.randint(1, 40))) for _ in range(2000)]
     prefix = str(tmp_path_factory.mktemp("short") / "short")
-    build_indexed_dataset(texts, ByteTokenizer(), prefix)
-    return prefix
+    return short_documents_corpus(prefix, "abc \n", 40, 2000)
 
 
 def test_pretraining_with_reset_at_eod_passes_documents_and_learns(short_documents, tmp_path,
