@@ -6,17 +6,22 @@ The backward program loads a tile of x and of the output gradient once, recomput
 pre-activation once per row, forms g = dout * SiLU'(pre), and gets the input gradient as the
 transposed convolution of g (dx[s] = sum_k w[W-1-k] g[s+k]) from row-shifted copies of the tile
 in registers; the weight and bias gradients are summed in registers over the program's tiles and
-written as one float32 partial per program, added in PyTorch. With packed documents
-(``seq_idx`` [B, T]) a tap whose token lies in another document than the output token reads
-zero, forward and backward (the ``HAS_SEQ`` specialisation; without it the kernels are
-unchanged).
+written as one float32 partial per program, which ``_conv_bwd_reduce_kernel`` adds in a fixed
+order (no atomics: the same bits on every run): forward 1 kernel, backward 2. With packed
+documents (``seq_idx`` [B, T]) a tap whose token lies in another document than the output token
+reads zero, forward and backward (the ``HAS_SEQ`` specialisation; without it the kernels are
+unchanged). The op is a ``torch.library.custom_op`` (``transmamba::causal_conv1d_silu``) so
+``torch.compile(fullgraph=True)`` traces through it.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 __all__ = ["causal_conv1d_silu_triton"]
 
@@ -47,8 +52,8 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, out_ptr, T, C, stride_b, stri
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, T, C,
-                     stride_b, stride_t, num_tiles, tiles_per_program, W: tl.constexpr,
+def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, part_ptr, T, C,
+                     stride_b, stride_t, sd_b, sd_t, num_tiles, tiles_per_program, W: tl.constexpr,
                      W_POW2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                      HAS_SEQ: tl.constexpr, GATHER_X: tl.constexpr):
     """One program: a BLOCK_C channel slice of tiles_per_program consecutive row tiles.
@@ -80,7 +85,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_
         mask = in_seq[:, None] & mask_c[None, :]
         x_tile = tl.load(x_ptr + b * stride_b + u[:, None] * stride_t + c[None, :], mask=mask,
                          other=0.0)
-        dout = tl.load(dout_ptr + (b * T + u[:, None]) * C + c[None, :],
+        dout = tl.load(dout_ptr + b * sd_b + u[:, None] * sd_t + c[None, :],
                        mask=mask & (r >= W - 1)[:, None], other=0.0)
         if HAS_SEQ:
             doc = tl.load(seq_ptr + b * T + u, mask=in_seq, other=-1)
@@ -127,10 +132,29 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_
             dw += tl.where((taps == W - 1 - k)[:, None], dw_k[None, :], 0.0)
         tl.store(dx_ptr + (b * T + u[:, None]) * C + c[None, :], dx.to(dx_ptr.dtype.element_ty),
                  mask=own[:, None] & mask)
+    # this program's partial: W weight-gradient taps, then the bias gradient
     program = b * tl.num_programs(0) + pid_t
-    tl.store(dw_ptr + (program * W + taps[:, None]) * C + c[None, :], dw,
+    tl.store(part_ptr + (program * (W + 1) + taps[:, None]) * C + c[None, :], dw,
              mask=(taps < W)[:, None] & mask_c[None, :])
-    tl.store(db_ptr + program * C + c, db, mask=mask_c)
+    tl.store(part_ptr + (program * (W + 1) + W) * C + c, db, mask=mask_c)
+
+
+@triton.jit
+def _conv_bwd_reduce_kernel(part_ptr, dw_ptr, db_ptr, n, C, W: tl.constexpr,
+                            W1_POW2: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dweight [C, 1, W] and dbias [C] in their own dtypes from the float32 partials
+    [n, W + 1, C], summed over n in a fixed order."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    taps = tl.arange(0, W1_POW2)
+    mask = (taps <= W)[:, None] & (c < C)[None, :]
+    acc = tl.zeros([W1_POW2, BLOCK_C], dtype=tl.float32)
+    for i in range(n):
+        acc += tl.load(part_ptr + (i * (W + 1) + taps[:, None]) * C + c[None, :], mask=mask,
+                       other=0.0)
+    tl.store(dw_ptr + c[None, :] * W + taps[:, None], acc.to(dw_ptr.dtype.element_ty),
+             mask=(taps < W)[:, None] & (c < C)[None, :])
+    db = tl.sum(tl.where((taps == W)[:, None], acc, 0.0), axis=0)
+    tl.store(db_ptr + c, db.to(db_ptr.dtype.element_ty), mask=c < C)
 
 
 _BLOCK_T, _BLOCK_C = 32, 64
@@ -140,10 +164,23 @@ _BLOCK_T, _BLOCK_C = 32, 64
 _BWD = dict(block_t=128, block_c=32, tiles_per_program=16, num_warps=4, gather_x=True)
 
 
-def _conv_bwd(x, w, seq_idx, dout, bias):
-    """dx [B, T, C] in x's dtype, dweight [C, W] and dbias [C] in float32."""
+@torch.library.custom_op("transmamba::causal_conv1d_silu", mutates_args=())
+def _conv_op(x: Tensor, weight: Tensor, bias: Tensor, seq_idx: Optional[Tensor]) -> Tensor:
     batch, T, C = x.shape
-    W = w.shape[-1]
+    out = torch.empty(batch, T, C, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(T, _BLOCK_T), triton.cdiv(C, _BLOCK_C), batch)
+    _conv_fwd_kernel[grid](x, weight, bias, seq_idx if seq_idx is not None else bias, out, T, C,
+                           x.stride(0), x.stride(1), W=weight.shape[-1], BLOCK_T=_BLOCK_T,
+                           BLOCK_C=_BLOCK_C, HAS_SEQ=seq_idx is not None)
+    return out
+
+
+@torch.library.custom_op("transmamba::causal_conv1d_silu_backward", mutates_args=())
+def _conv_backward_op(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
+                      seq_idx: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """-> dx [B, T, C], dweight [C, 1, W], dbias [C], each in its input's dtype."""
+    batch, T, C = x.shape
+    W = weight.shape[-1]
     cfg = _BWD
     block_t = max(cfg["block_t"], triton.next_power_of_2(2 * W))   # a tile owns >= 2 rows
     step = block_t - 2 * (W - 1)
@@ -153,43 +190,52 @@ def _conv_bwd(x, w, seq_idx, dout, bias):
     dx = torch.empty(batch, T, C, dtype=x.dtype, device=x.device)
     # one fp32 partial per program (deterministic, unlike atomics): blocks_t * B * (W + 1) * C,
     # about 9 MB at [8, 8192, 6144]
-    dw = torch.empty(batch * blocks_t, W, C, dtype=torch.float32, device=x.device)
-    db = torch.empty(batch * blocks_t, C, dtype=torch.float32, device=x.device)
+    partials = torch.empty(batch * blocks_t, W + 1, C, dtype=torch.float32, device=x.device)
     grid = (blocks_t, triton.cdiv(C, cfg["block_c"]), batch)
-    _conv_bwd_kernel[grid](x, w, bias, seq_idx if seq_idx is not None else bias, dout, dx, dw, db,
-                           T, C, x.stride(0), x.stride(1), num_tiles, tiles_per_program, W=W,
+    _conv_bwd_kernel[grid](x, weight, bias, seq_idx if seq_idx is not None else bias, dout, dx,
+                           partials, T, C, x.stride(0), x.stride(1), dout.stride(0),
+                           dout.stride(1), num_tiles, tiles_per_program, W=W,
                            W_POW2=triton.next_power_of_2(W), BLOCK_T=block_t,
                            BLOCK_C=cfg["block_c"], HAS_SEQ=seq_idx is not None,
                            GATHER_X=cfg["gather_x"], num_warps=cfg["num_warps"])
-    return dx, dw.sum(0).t(), db.sum(0)
+    dweight = torch.empty(C, 1, W, dtype=weight.dtype, device=x.device)
+    dbias = torch.empty(C, dtype=bias.dtype, device=x.device)
+    _conv_bwd_reduce_kernel[(triton.cdiv(C, 128),)](partials, dweight, dbias, batch * blocks_t, C,
+                                                    W=W, W1_POW2=triton.next_power_of_2(W + 1),
+                                                    BLOCK_C=128)
+    return dx, dweight, dbias
 
 
-class _CausalConvSiLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, seq_idx):
-        batch, T, C = x.shape
-        W = weight.shape[-1]
-        w = weight.reshape(C, W).contiguous()
-        out = torch.empty(batch, T, C, dtype=x.dtype, device=x.device)
-        grid = (triton.cdiv(T, _BLOCK_T), triton.cdiv(C, _BLOCK_C), batch)
-        _conv_fwd_kernel[grid](x, w, bias, seq_idx if seq_idx is not None else bias, out, T, C,
-                               x.stride(0), x.stride(1), W=W, BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C,
-                               HAS_SEQ=seq_idx is not None)
-        ctx.save_for_backward(x, w, bias, seq_idx)
-        ctx.weight_shape = weight.shape
-        return out
+@_conv_op.register_fake
+def _(x, weight, bias, seq_idx):
+    return x.new_empty(x.shape)
 
-    @staticmethod
-    def backward(ctx, dout):
-        x, w, bias, seq_idx = ctx.saved_tensors
-        dx, dw, db = _conv_bwd(x, w, seq_idx, dout.contiguous(), bias)
-        return dx, dw.reshape(ctx.weight_shape).to(w.dtype), db.to(bias.dtype), None
+
+@_conv_backward_op.register_fake
+def _(dout, x, weight, bias, seq_idx):
+    return x.new_empty(x.shape), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dout):
+    x, weight, bias, seq_idx = ctx.saved_tensors
+    dx, dweight, dbias = torch.ops.transmamba.causal_conv1d_silu_backward(dout, x, weight, bias,
+                                                                         seq_idx)
+    return dx, dweight, dbias, None
+
+
+_conv_op.register_autograd(_backward, setup_context=_setup)
 
 
 def causal_conv1d_silu_triton(x, weight, bias, seq_idx=None):
-    """Fused ``causal_conv1d_silu_naive``: x [B, T, C] (any strides with a unit channel
-    stride), weight [C, 1, W], bias [C], seq_idx [B, T] integer document index or None ->
-    [B, T, C] contiguous."""
+    """Fused ``causal_conv1d_silu_naive``: x [B, T, C] (any batch and token strides with a unit
+    channel stride, read in place: the xBC column slice of the in-projection output), weight
+    [C, 1, W], bias [C] (bf16 or fp32), seq_idx [B, T] integer document index or None ->
+    [B, T, C] contiguous in x's dtype; gradients in each input's dtype. Forward 1 kernel,
+    backward 2."""
     if x.dim() != 3 or weight.shape[0] != x.shape[-1] or weight.dim() != 3 or bias.shape != (x.shape[-1],):
         raise ValueError(f"x must be [B, T, C], weight [C, 1, W], bias [C]; got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(bias.shape)}")
@@ -201,5 +247,6 @@ def causal_conv1d_silu_triton(x, weight, bias, seq_idx=None):
         if seq_idx.shape != x.shape[:2] or seq_idx.is_floating_point():
             raise ValueError(f"seq_idx must be an integer [B, T] = {list(x.shape[:2])} tensor, "
                              f"got {seq_idx.dtype} {tuple(seq_idx.shape)}")
-        seq_idx = seq_idx.to(torch.int32).contiguous()
-    return _CausalConvSiLU.apply(x, weight, bias, seq_idx)
+        seq_idx = seq_idx.contiguous()
+    return torch.ops.transmamba.causal_conv1d_silu(x, weight.contiguous(), bias.contiguous(),
+                                                   seq_idx)
