@@ -1,4 +1,5 @@
-"""Count kernel launches of a block of code on CPU, the way issue #15 counts them.
+"""Checks of issue #15 for the fused ops: kernel launches per forward / backward, and
+``torch.compile(fullgraph=True)`` giving eager's results.
 
 A launch is every aten op that reaches a backend, except views and allocations, plus one per
 Triton kernel launch. Aten ops are seen by a ``TorchDispatchMode``; Triton launches by wrapping
@@ -64,3 +65,35 @@ def count_launches():
             yield counter
     finally:
         InterpretedFunction.run = real_run
+
+
+def forward_backward_launches(fn, inputs, grad_outputs):
+    """(forward launches, backward launches) of ``fn(*inputs)``; the backward is
+    ``torch.autograd.grad`` of its outputs (one or a tuple) to every input that requires grad,
+    so only the op's own backward runs (no accumulation into .grad)."""
+    with count_launches() as forward:
+        out = fn(*inputs)
+    outs = out if isinstance(out, tuple) else (out,)
+    wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    with count_launches() as backward:
+        torch.autograd.grad(outs, wrt, grad_outputs)
+    return forward, backward
+
+
+def assert_compiled_matches_eager(fn, leaves, seed=0):
+    """``torch.compile(fn, fullgraph=True, backend="aot_eager")``: forward and the gradients of
+    every leaf are the same bits as eager (one graph, no break, the same kernels)."""
+    def run(f):
+        grads = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
+        out = f(*grads)
+        outs = out if isinstance(out, tuple) else (out,)
+        g = torch.Generator().manual_seed(seed)
+        loss = sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs)
+        loss.backward()
+        return outs, [t.grad for t in grads if t.requires_grad]
+
+    torch._dynamo.reset()
+    eager = run(fn)
+    compiled = run(torch.compile(fn, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(eager[0] + tuple(eager[1]), compiled[0] + tuple(compiled[1])):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
