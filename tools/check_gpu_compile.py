@@ -105,12 +105,37 @@ def drive_kernels(recorder: Recorder, only: str) -> None:
             recorder.context = f"rmsnorm {dtype}"
             xn, w = leaf(T, batch, 1536), leaf(1536)
             grad(rmsnorm_triton(xn, w, 1e-5), xn, w)
+        if "rope" in only:
+            from kernels.rope.rope_qk import rope_qk_triton
+            rows = 2
+            for seq_first, packed in ((False, False), (False, True), (True, False)):
+                recorder.context = f"rope {dtype} seq_first={seq_first} packed={packed}"
+                if seq_first:   # megatron's [S, B, heads, dim]
+                    q, k = leaf(T, rows, 8, 128), leaf(T, rows, 2, 128)
+                    leaves = (q, k)
+                else:           # q = C, k = B: strided views of the conv output xBC
+                    xbc = leaf(rows, T, (H + 2 * G) * N)
+                    q = xbc[..., H * N:(H + G) * N].view(rows, T, G, N)
+                    k = xbc[..., (H + G) * N:].view(rows, T, G, N)
+                    leaves = (xbc,)
+                table = torch.rand(T, rows if packed else 1, 1, q.shape[-1])
+                q_rot, k_rot = rope_qk_triton(q, k, table, seq_first=seq_first)
+                torch.autograd.grad(q_rot.float().sum() + k_rot.float().sum(), leaves)
+        if "cross_entropy" in only:
+            from kernels.cross_entropy.cross_entropy import (_cross_entropy_stats_op,
+                                                              cross_entropy_triton)
+            recorder.context = f"cross_entropy {dtype}"
+            logits, target = leaf(T, 1000), torch.randint(0, 1000, (T,))
+            grad(cross_entropy_triton(logits, target), logits)
+            recorder.context = f"cross_entropy {dtype} vocab split"
+            _cross_entropy_stats_op(logits.detach(), target, 1000)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability (90: H100/H200)")
-    parser.add_argument("--filter", default="ssd,conv,norm", help="which wrappers to drive")
+    parser.add_argument("--filter", default="ssd,conv,norm,rope,cross_entropy",
+                        help="which wrappers to drive")
     args = parser.parse_args(argv)
     recorder = Recorder(GPUTarget("cuda", args.arch, 32))
     jit_module.JITFunction.run = lambda fn, *a, **k: recorder.jit_run(fn, *a, **k)
