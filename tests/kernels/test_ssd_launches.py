@@ -1,0 +1,114 @@
+"""Device launches of one SSD forward and one backward: every aten op that runs a kernel
+(views and allocations are free) plus one per Triton kernel launch, counted on CPU under
+Triton's interpreter. The budget (issue #15): forward 3, backward 4 (5 when G < H)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("counts interpreter launches", allow_module_level=True)
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from transmamba_kernels.ssd.chunk import chunk_ssd_triton, transmamba_ssd_triton  # noqa: E402
+
+aten = torch.ops.aten
+FREE = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
+        aten.new_empty.default, aten.new_empty_strided.default, aten.lift_fresh.default}
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Records aten ops that launch a kernel, and Triton launches (not the interpreter's own
+    tensor work inside them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches, self.inside_triton = [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if (not self.inside_triton and func.namespace == "aten" and not func.is_view
+                and func not in FREE):
+            self.launches.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def count(monkeypatch, forward, leaves):
+    """(forward launches, backward launches) of ``forward()`` and its gradient."""
+    counter = None
+    real_run = InterpretedFunction.run
+
+    def run(fn, *args, **kwargs):
+        counter.launches.append(f"triton {fn.__name__}")
+        counter.inside_triton = True
+        try:
+            return real_run(fn, *args, **kwargs)
+        finally:
+            counter.inside_triton = False
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    with LaunchCounter() as counter:
+        y = forward()
+    fwd = counter.launches
+    dy = torch.randn(y.shape, dtype=y.dtype)
+    with LaunchCounter() as counter:
+        torch.autograd.grad(y, leaves, dy)
+    return fwd, counter.launches
+
+
+def leaves_of(batch, T, H, P, G, N, dtype, param_dtype):
+    r = lambda *s, d=dtype: torch.randn(*s).to(d).requires_grad_(True)
+    return dict(x=r(batch, T, H, P), dt=r(batch, T, H), dt_bias=r(H, d=param_dtype),
+                A_log=r(H, d=param_dtype), B=r(batch, T, G, N), C=r(batch, T, G, N),
+                D=r(H, d=param_dtype))
+
+
+@pytest.mark.parametrize("dtype,param_dtype,G", [(torch.float32, torch.float32, 2),
+                                                 (torch.bfloat16, torch.float32, 2),
+                                                 (torch.float16, torch.bfloat16, 2),
+                                                 (torch.float32, torch.float32, 1)])
+def test_mixer_entry_launches(monkeypatch, dtype, param_dtype, G):
+    t = leaves_of(1, 20, 2, 8, G, 16, dtype, param_dtype)
+    fwd, bwd = count(monkeypatch, lambda: transmamba_ssd_triton(
+        t["x"], t["dt"], t["dt_bias"], t["A_log"], t["B"], t["C"], t["D"], 16, 3,
+        dt_limit=(0.01, 5.0)), list(t.values()))
+    assert fwd == ["triton _chunk_state_fwd_kernel", "triton _state_passing_fwd_kernel",
+                   "triton _chunk_scan_fwd_kernel"], fwd
+    expected = ["triton _chunk_state_bwd_kernel", "triton _state_passing_bwd_kernel",
+                "triton _chunk_bwd_kernel", "triton _ssd_finalize_kernel"]
+    if G < 2:
+        expected.append("triton _group_sum_kernel")
+    assert bwd == expected, bwd
+
+
+def test_mamba_style_entry_launches(monkeypatch):
+    """chunk_ssd_triton (A, dt_bias, softplus, D [H, P], initial and final states): the same
+    three and four launches."""
+    t = leaves_of(2, 37, 2, 8, 2, 16, torch.float32, torch.float32)
+    D = torch.randn(2, 8, requires_grad=True)
+    init = torch.randn(2, 2, 8, 16, requires_grad=True)
+    A = -torch.rand(2, requires_grad=True)
+    leaves = [t["x"], t["dt"], A, t["B"], t["C"], D, t["dt_bias"], init]
+
+    def forward():
+        y, final = chunk_ssd_triton(t["x"], t["dt"], A, t["B"], t["C"], 16, D=D,
+                                    dt_bias=t["dt_bias"], initial_states=init, dt_softplus=True,
+                                    return_final_states=True, transpoint=5)
+        return y
+
+    fwd, bwd = count(monkeypatch, forward, leaves)
+    assert len(fwd) == 3 and len(bwd) == 4, (fwd, bwd)
+
+
+def test_counter_sees_aten_kernels_and_not_views():
+    x = torch.randn(4, 3)
+    with LaunchCounter() as counter:
+        x.view(3, 4).t().unsqueeze(0)
+        torch.empty(5)
+        (x + 1).sum()
+    assert counter.launches == ["aten.add.Tensor", "aten.sum.default"]
