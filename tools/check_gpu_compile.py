@@ -70,7 +70,7 @@ def drive_kernels(recorder: Recorder, only: str) -> None:
     sys.path.insert(0, ROOT)
     from kernels.conv.causal_conv import causal_conv1d_silu_triton
     from kernels.norm.gated_rmsnorm import gated_rmsnorm_triton, rmsnorm_triton
-    from kernels.ssd.chunk import chunk_ssd_triton
+    from kernels.ssd.chunk import chunk_ssd_triton, ssd_backward, ssd_forward
 
     def grad(out, *leaves):
         out = out[0] if isinstance(out, tuple) else out
@@ -92,6 +92,14 @@ def drive_kernels(recorder: Recorder, only: str) -> None:
                 y, final = chunk_ssd_triton(x, dt, A, B, C, 64, D=torch.ones(H), transpoint=30,
                                             return_final_states=True, **extra)
                 torch.autograd.grad(y.float().sum() + final.sum(), (x, dt, B, C))
+            recorder.context = f"ssd mixer {dtype}"       # raw dt, A_log, dt_limit, prefix grads
+            x, dt = leaf(batch, T, H, P), leaf(batch, T, H)       # G = 2 < H: the group sum
+            B, C = leaf(batch, T, 2, N), leaf(batch, T, 2, N)
+            params = [torch.randn(H, requires_grad=True) for _ in range(3)]
+            y, saved = ssd_forward(x, dt, *params[:2], B, C, params[2], 64, 30, dt_limit=(0.001, 10.0))
+            ssd_backward(torch.ones_like(y), x, dt, *params[:2], B, C, params[2], saved, 64, 30,
+                         dt_limit=(0.001, 10.0), prefix_dx=x[:, :30], prefix_dB=B[:, :30],
+                         prefix_dC=C[:, :30])
         if "conv" in only:
             for seq in (None, torch.zeros(batch, T, dtype=torch.int32)):
                 recorder.context = f"conv {dtype} seq_idx={seq is not None}"
