@@ -39,7 +39,7 @@ def gated_rmsnorm_naive(y: Tensor, z: Tensor, weight: Tensor, groups: int, eps: 
         if y_prefix.shape != (y.shape[0], p, groups, y.shape[-1] // groups) or p > y.shape[1]:
             raise ValueError(f"y_prefix must be [B, p <= T, G, C/G] for y {tuple(y.shape)} and "
                              f"G={groups}, got {tuple(y_prefix.shape)}")
-        h = torch.cat([y_prefix.reshape(y.shape[0], p, -1).to(acc), h[:, p:]], dim=1)
+        h = torch.cat([y_prefix.reshape(y.shape[0], p, y.shape[-1]).to(acc), h[:, p:]], dim=1)
     if position_ids is not None:
         if position_ids.shape != y.shape[:2] or position_ids.is_floating_point():
             raise ValueError(f"position_ids must be an integer [B, T] = {list(y.shape[:2])} "
