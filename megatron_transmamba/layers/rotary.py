@@ -44,7 +44,13 @@ def apply_rope(t: Tensor, table: Tensor) -> Tensor:
     """Rotate t [B, p, heads, dim] by the angles of positions 0..p-1 in ``table``:
     t cos + rotate_half(t) sin, with rotate_half(t) = [-t2, t1] = roll(t, dim/2) * sign."""
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    cos, signed_sin = _cos_sin(table, acc)
+    if torch.compiler.is_compiling():   # the cache is host state; compiled code fuses cos/sin
+        angles = table[:, 0, 0].to(acc)
+        half = angles.shape[-1] // 2
+        cos, sin = angles.cos(), angles.sin()
+        signed_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+    else:
+        cos, signed_sin = _cos_sin(table, acc)
     p = t.shape[1]
     cos, signed_sin = cos[None, :p, None, :], signed_sin[None, :p, None, :]
     t_acc = t.to(acc)
