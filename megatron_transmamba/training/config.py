@@ -76,6 +76,15 @@ class TrainingConfig:
     TransMamba mixer between in_proj and out_proj: conv, attention / Memory Converter / SSM,
     gated norm; and the softmax attention of ``*`` layers) and ``mlp`` (the MLP of ``-``
     layers)."""
+    compile: bool = False
+    """Regional ``torch.compile``: each layer of each model chunk compiled on its own before
+    DDP wraps it (training/graphs.py); not with ``data.reset_at_eod``."""
+    compile_fullgraph: bool = True
+    """With ``compile``: a graph break is an error (false: the layer runs partly eager)."""
+    cuda_graphs: bool = False
+    """CUDA graphs of each layer's forward and backward (``torch.cuda.make_graphed_callables``,
+    static shapes). Needs CUDA, no packed documents, no dropout, no recomputation and no
+    pipeline parallelism (training/graphs.py)."""
 
 
 @dataclass

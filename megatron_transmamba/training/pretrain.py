@@ -43,6 +43,8 @@ from megatron_transmamba.parallel.initialize import (destroy_distributed, initia
 from megatron_transmamba.parallel.pipeline import rank_stages, split_layer_pattern, strip_stage_marks
 from megatron_transmamba.training import checkpoint as ckpt
 from megatron_transmamba.training.config import RunConfig
+from megatron_transmamba.training.graphs import (capture_layer_graphs, check_compile,
+                                                 check_cuda_graphs, compile_layers)
 from megatron_transmamba.training.multi_tensor import install_foreach_multi_tensor_ops
 from megatron_transmamba.training.profiling import StepProfiler
 from megatron_transmamba.training.metrics import (Throughput, format_bytes, memory_estimate_bytes,
@@ -142,6 +144,8 @@ def check_run_config(cfg: RunConfig, world_size: int) -> TransMambaConfig:
                          f"parallel.pipeline_model_parallel_size ({p.pipeline_model_parallel_size})")
     model_config = build_model_config(cfg, resolve_bf16(cfg.training))
     pipeline_stages(cfg, model_config)
+    check_compile(cfg)
+    check_cuda_graphs(cfg, model_config, torch.cuda.is_available())
     return model_config
 
 
@@ -473,6 +477,8 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
     frozen = [name for c in chunks
               for name in freeze_unused_parameters(c, vocab_size, model_config.seq_length, device)
               ] if p.overlap_grad_reduce else []
+    if t.compile and not t.cuda_graphs:        # with CUDA graphs, the captured layers compile
+        compile_layers(chunks, t.compile_fullgraph)
     ddp_models = wrap_model_chunks(chunks, model_config, use_bf16, p.use_distributed_optimizer,
                                    p.overlap_grad_reduce)
     startup["probe"] = time.time() - start_time          # includes Triton compilation
@@ -504,6 +510,11 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
                 print(f"resuming from step {step} ({resumed.path})", flush=True)
             for note in (resumed.notes if resumed else []):
                 print(note, flush=True)
+
+    if t.cuda_graphs:          # parameters are where they stay: after DDP, optimizer, resume
+        capture_layer_graphs(chunks, t.micro_batch_size, device,
+                             t.compile_fullgraph if t.compile else None)
+        startup["graphs"] = time.time() - start_time
 
     seq_length = model_config.seq_length
     train_ds, valid_ds, _ = build_pretraining_datasets(
@@ -545,6 +556,7 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
         "optimizer": [type(o).__name__ for o in getattr(optimizer, "chained_optimizers", [optimizer])],
         "overlap_grad_reduce": ddp_models[0].ddp_config.overlap_grad_reduce,
         "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
+        "compile": t.compile, "cuda_graphs": t.cuda_graphs,
         "recompute": (f"selective ({', '.join(t.recompute_modules)})"
                       if t.recompute == "selective" else t.recompute),
         "stage_layers": [[r.start, r.stop] for r in stages],

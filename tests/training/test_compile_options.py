@@ -1,0 +1,105 @@
+"""training.compile and training.cuda_graphs: compiled layers train as eager ones do, and the
+combinations CUDA graphs cannot run are refused before any process group starts."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from megatron_transmamba.training.config import build_run_config
+from megatron_transmamba.training.graphs import check_cuda_graphs
+from megatron_transmamba.training.pretrain import build_model_config, check_run_config, pretrain
+
+# every layer kind; T = 64 with the TransPoint inside the sequence and not on a chunk boundary
+TINY_MODEL = dict(layer_pattern="T-M-*-", hidden_size=64, ffn_hidden_size=128,
+                  num_attention_heads=4, mamba_num_heads=4, mamba_num_groups=2, mamba_head_dim=16,
+                  mamba_state_dim=16, seq_length=64, transpoint_schedule="fixed",
+                  transpoint_values=[24], ssd_chunk_size=16)
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data_cache"))
+
+
+def run_config(data_cache=None, model=None, data=None, **training):
+    return build_run_config({
+        "model": {**TINY_MODEL, **(model or {})},
+        "data": {"cache_dir": data_cache or "unused", **(data or {})},
+        "training": {"micro_batch_size": 2, "train_iters": 3, "lr_warmup_iters": 1,
+                     "eval_interval": 0, "precision": "fp32", **training},
+        "logging": {"progress_bar": False},
+    })
+
+
+def _triton_ssd_is_a_custom_op() -> bool:
+    import transmamba_kernels.ssd.chunk  # noqa: F401  (registers its ops, if it has any)
+    return any(name.startswith("transmamba::") and "ssd" in name
+               for name in torch._C._dispatch_get_all_op_names())
+
+
+@pytest.mark.parametrize("backend", [
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(
+        not _triton_ssd_is_a_custom_op(),
+        reason="the Triton SSD is not a torch.library op yet (no transmamba::*ssd* op): Dynamo "
+               "cannot trace Triton's launcher, so fullgraph compilation must fail")),
+])
+def test_compiled_layers_train_like_eager_ones(data_cache, backend):
+    eager = pretrain(run_config(data_cache, model={"mixer_backend": backend}))
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = pretrain(run_config(data_cache, model={"mixer_backend": backend}, compile=True))
+    # one graph per layer kind (T, M, *, -) at least, each without a break (compile_fullgraph)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before >= 4
+    assert compiled.layout["compile"] and not eager.layout["compile"]
+    assert sorted(compiled.train_losses) == [1, 2, 3]
+    for step, loss in eager.train_losses.items():
+        assert compiled.train_losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-5), step
+
+
+@pytest.mark.parametrize("key, value", [("compile", "yes"), ("cuda_graphs", 1),
+                                        ("compile_fullgraph", "false")])
+def test_option_values_are_type_checked(key, value):
+    with pytest.raises(ValueError, match=f"training.{key}="):
+        run_config(**{key: value})
+
+
+def test_cuda_graphs_on_cpu_fail_before_any_process_group():
+    cfg = run_config(cuda_graphs=True)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match=r"^training.cuda_graphs needs CUDA$"):
+        check_run_config(cfg, world_size=1)
+    with pytest.raises(ValueError, match="training.cuda_graphs needs CUDA"):
+        pretrain(cfg)
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(data={"reset_at_eod": True}), "data.reset_at_eod"),
+    (dict(model={"hidden_dropout": 0.1}), "hidden_dropout"),
+    (dict(model={"attention_dropout": 0.1}), "attention_dropout"),
+    (dict(recompute="full"), "training.recompute='none'"),
+    (dict(recompute="selective"), "training.recompute='none'"),
+])
+def test_cuda_graphs_refuse_what_they_cannot_replay(change, message):
+    cfg = run_config(cuda_graphs=True, **change)
+    with pytest.raises(ValueError, match=message) as error:
+        check_cuda_graphs(cfg, build_model_config(cfg, False), cuda_available=True)
+    assert "\n" not in str(error.value)
+    ok = run_config(cuda_graphs=True)
+    check_cuda_graphs(ok, build_model_config(ok, False), cuda_available=True)
+
+
+def test_cuda_graphs_refuse_pipeline_parallelism():
+    cfg = run_config(cuda_graphs=True)
+    cfg.parallel = dataclasses.replace(cfg.parallel, pipeline_model_parallel_size=2)
+    with pytest.raises(ValueError, match="parallel.pipeline_model_parallel_size=1"):
+        check_cuda_graphs(cfg, build_model_config(cfg, False), cuda_available=True)
+
+
+def test_compile_refuses_packed_documents():
+    cfg = run_config(compile=True, data={"reset_at_eod": True})
+    with pytest.raises(ValueError, match="training.compile=true does not support "
+                                         "data.reset_at_eod=true"):
+        check_run_config(cfg, world_size=1)
