@@ -2,8 +2,9 @@
 
 The backward runs at its default tiling and at small tiles (several row tiles per program,
 several programs per row and channel blocks that do not divide C), with its x row shifts as
-register gathers or as shifted loads. New buffers in the kernel module are filled with NaN, so
-a skipped write fails.
+register gathers or as shifted loads. Also: the in-projection slice gives bitwise the contiguous
+result, launch budgets (forward 1, backward 2), determinism and torch.compile. New buffers in
+the kernel module are filled with NaN, so a skipped write fails.
 """
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 pytest.importorskip("triton")
 
 from helpers import assert_close, nan_filled_buffers  # noqa: E402
+from launches import assert_compiled_matches_eager, forward_backward_launches  # noqa: E402
 from transmamba_kernels.conv import causal_conv as conv_module  # noqa: E402
 from transmamba_kernels.conv.causal_conv import causal_conv1d_silu_triton  # noqa: E402
 from transmamba_kernels.conv.naive import causal_conv1d_silu_naive  # noqa: E402
@@ -27,6 +29,12 @@ BWD_TILINGS = {
 def nan_filled(monkeypatch):
     """New buffers of the kernel module are NaN-filled (helpers.nan_filled_buffers)."""
     nan_filled_buffers(monkeypatch, conv_module)
+
+
+@pytest.fixture
+def real_buffers(monkeypatch):
+    """Plain torch.empty (the NaN fill would count as a launch)."""
+    monkeypatch.setattr(conv_module, "torch", torch)
 
 
 @pytest.fixture(params=list(BWD_TILINGS))
@@ -57,13 +65,6 @@ def test_forward_backward_match_reference(T, C, W, dtype, ratio, bwd_tiling):
     for name, a, b in zip(("dx", "dweight", "dbias"), grads, ref_leaves):
         assert_close(name, b.grad, a.double(), ratio * 2)
     assert wide.grad[..., :2].abs().max() == 0 and wide.grad[..., 2 + C:].abs().max() == 0
-
-
-def test_strided_input_is_read_in_place():
-    x = torch.randn(1, 9, 12)[..., 3:11]
-    w, b = torch.randn(8, 1, 4), torch.randn(8)
-    torch.testing.assert_close(causal_conv1d_silu_triton(x, w, b), causal_conv1d_silu_naive(x, w, b),
-                               rtol=1e-5, atol=1e-6)
 
 
 def _documents(lengths):
@@ -107,3 +108,85 @@ def test_seq_idx_forward_backward_match_reference(dtype, ratio, bwd_tiling):
     (ref * dout.double()).sum().backward()
     for name, a, b in zip(("dx", "dweight", "dbias"), leaves, ref_leaves):
         assert_close(name, b.grad, a.grad.double(), ratio * 2)
+
+
+def _in_proj_slice(batch, T, C, g, dtype=torch.float32):
+    """xBC as the mixer passes it: a column slice of the in-projection output [B, T, width]."""
+    in_proj = torch.randn(batch, T, 2 * C + 7, generator=g).to(dtype).requires_grad_(True)
+    return in_proj, in_proj[..., 3:3 + C]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_strided_input_is_bitwise_the_contiguous_result(packed, bwd_tiling):
+    g = torch.Generator().manual_seed(3)
+    batch, T, C, W = 2, 45, 20, 4
+    in_proj, x = _in_proj_slice(batch, T, C, g)
+    weight = (torch.randn(C, 1, W, generator=g) * 0.5).requires_grad_(True)
+    bias = (torch.randn(C, generator=g) * 0.1).requires_grad_(True)
+    seq_idx = torch.cat([_documents([1, 2, 40, 2]), _documents([3, 31, 11]) + 4]) if packed else None
+    leaves = [x.detach().contiguous().requires_grad_(True), weight.detach().clone().requires_grad_(True),
+              bias.detach().clone().requires_grad_(True)]
+    out = causal_conv1d_silu_triton(x, weight, bias, seq_idx)
+    ref = causal_conv1d_silu_triton(*leaves, seq_idx)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    dout = torch.randn(out.shape, generator=g)
+    (out * dout).sum().backward()
+    (ref * dout).sum().backward()
+    for a, b in ((in_proj.grad[..., 3:3 + C], leaves[0].grad), (weight.grad, leaves[1].grad),
+                 (bias.grad, leaves[2].grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_gradients_in_each_inputs_dtype():
+    """fp16 weight and bias with an fp32 input: their gradients in fp16, from the fp32 sums."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 30, 12, generator=g, requires_grad=True)
+    weight = (torch.randn(12, 1, 4, generator=g) * 0.5).half().requires_grad_(True)
+    bias = (torch.randn(12, generator=g) * 0.1).half().requires_grad_(True)
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in (x, weight, bias)]
+    out = causal_conv1d_silu_triton(x, weight, bias)
+    ref = causal_conv1d_silu_naive(*ref_leaves)
+    assert_close("out", ref, out.double(), 1e-6)
+    dout = torch.randn(out.shape, generator=g)
+    (out * dout).sum().backward()
+    (ref * dout.double()).sum().backward()
+    assert (x.grad.dtype, weight.grad.dtype, bias.grad.dtype) == (torch.float32,) + (torch.float16,) * 2
+    for name, a, b in zip(("dx", "dweight", "dbias"), (x, weight, bias), ref_leaves):
+        assert_close(name, b.grad, a.grad.double(), 2e-6 if name == "dx" else 1e-3)
+
+
+def test_backward_is_deterministic(bwd_tiling):
+    g = torch.Generator().manual_seed(5)
+    _, x = _in_proj_slice(2, 70, 20, g)
+    weight = (torch.randn(20, 1, 4, generator=g) * 0.5).requires_grad_(True)
+    bias = torch.randn(20, generator=g).requires_grad_(True)
+    dout = torch.randn(2, 70, 20, generator=g)
+    runs = [torch.autograd.grad(causal_conv1d_silu_triton(x, weight, bias), (x, weight, bias), dout)
+            for _ in range(2)]
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packed", [False, True])
+def test_launches(real_buffers, param_dtype, packed):
+    """Forward 1 launch on the strided slice, backward 2 (bf16 weight and bias: no casts)."""
+    g = torch.Generator().manual_seed(6)
+    _, x = _in_proj_slice(2, 33, 16, g)
+    weight = torch.randn(16, 1, 4, generator=g).to(param_dtype).requires_grad_(True)
+    bias = torch.randn(16, generator=g).to(param_dtype).requires_grad_(True)
+    seq_idx = torch.cat([_documents([3, 30]), _documents([33])]) if packed else None
+    forward, backward = forward_backward_launches(
+        lambda x, w, b: causal_conv1d_silu_triton(x, w, b, seq_idx), [x, weight, bias],
+        torch.randn(2, 33, 16, generator=g))
+    assert (forward.total, backward.total) == (1, 2), (forward.aten, backward.aten)
+
+
+def test_compile_fullgraph_matches_eager(real_buffers):
+    g = torch.Generator().manual_seed(7)
+    in_proj = torch.randn(2, 21, 40, generator=g, requires_grad=True)
+    weight = (torch.randn(16, 1, 4, generator=g) * 0.5).requires_grad_(True)
+    bias = torch.randn(16, generator=g).requires_grad_(True)
+    seq_idx = torch.cat([_documents([5, 16]), _documents([21])])
+    assert_compiled_matches_eager(
+        lambda p, w, b: causal_conv1d_silu_triton(p[..., 8:24], w, b, seq_idx), [in_proj, weight, bias])
