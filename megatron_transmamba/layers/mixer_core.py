@@ -17,6 +17,9 @@ per-document TransPoint, and the prefix attention as ``document_attention``.
 
 from __future__ import annotations
 
+import contextlib
+import math
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -25,6 +28,7 @@ from torch import Tensor
 
 from megatron_transmamba.layers.memory_converter import memory_converter
 from megatron_transmamba.layers.packed_documents import PackedDocuments, document_attention
+from megatron_transmamba.layers.rotary import apply_rope
 from transmamba_kernels.conv.naive import causal_conv1d_silu_naive
 from transmamba_kernels.norm.naive import gated_rmsnorm_naive
 from transmamba_kernels.ssd.naive import chunk_ssd_naive
@@ -97,82 +101,160 @@ def transmamba_core_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 def transmamba_core_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
                            transpoint: int, chunk_size: int, softmax_scale: float,
-                           rotary: Optional[RotaryFn] = None,
+                           rope: Optional[Tensor] = None,
                            documents: Optional[PackedDocuments] = None) -> Tensor:
-    """Same as ``transmamba_core_torch``; the SSM runs in the Triton SSD over the whole sequence
-    with outputs only from p on, so the Memory Converter is fused into its state passing, and
-    the attention rows are written into the SSD's output buffer (``_SplicedCore``)."""
-    from transmamba_kernels.ssd.chunk import chunk_ssd_triton
-
+    """``transmamba_core_torch`` on the Triton path, with dt already processed and A given:
+    ``rope`` is the RoPE angle table (``rope_table``) instead of a function. The spliced
+    [B, T, H, P] output (``fused_core`` returns the two segments apart, for the gated norm)."""
     if documents is not None:
+        rotary = partial(apply_rope, table=rope) if rope is not None else None
         return _core_triton_packed(x, dt, A, B, C, D, transpoint, chunk_size, softmax_scale,
                                    rotary, documents)
+    y, prefix = fused_core(x, dt, None, A, B, C, D, transpoint, chunk_size, softmax_scale, rope,
+                           raw_dt=False)
+    if prefix is None:
+        return y
+    prefix = prefix.transpose(1, 2).reshape(*x.shape[:1], prefix.shape[2], *x.shape[2:])
+    return prefix if y is None else torch.cat([prefix, y[:, prefix.shape[1]:]], dim=1)
+
+
+def fused_core(x: Tensor, dt: Tensor, dt_bias: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
+               D: Tensor, transpoint: int, chunk_size: int, softmax_scale: float,
+               rope: Optional[Tensor] = None, dt_limit=(0.0, math.inf),
+               raw_dt: bool = True) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The triton backend's core as two segments, for the gated norm to read in place.
+
+    Args:
+        x: [B, T, H, P]; B, C: [B, T, G, N]; any batch / token strides (views of the conv
+            output are read in place).
+        dt: [B, T, H]; with ``raw_dt`` it is in_proj's raw dt, and ``dt_bias`` [H], softplus,
+            the ``dt_limit`` clamp and A = -exp(A) (A is then A_log) happen inside the SSD
+            kernels; otherwise dt is processed and A is A.
+        D: [H]. rope: RoPE angles [S >= p, 1, 1, N] or None.
+
+    Returns:
+        (y, attention): y [B, T, H, P] the SSD output with rows t < p zero (None at p >= T);
+        attention [B, G, p, H/G * P], the prefix attention output as SDPA returns it (None at
+        p = 0): ``attention.transpose(1, 2)`` is the gated norm's ``y_prefix``.
+
+    At 0 < p < T both come from the custom op ``transmamba::core``: SSD forward, RoPE, SDPA.
+    Its backward recomputes the prefix attention (RoPE and SDPA forward again, the only extra
+    work), takes attention's gradients and hands them to the SSD backward, which adds them to
+    rows t < p of dx, dB, dC inside its kernels: no slicing, zero-padding or summing of
+    gradients.
+    """
+    from transmamba_kernels.ssd.chunk import _limits
+
     seq_len = x.shape[1]
     p = max(0, min(int(transpoint), seq_len))
+    lo, hi = _limits(dt_limit)
+    if p == seq_len:                       # attention only: dt, A and D are not used
+        return None, _prefix_attention(x, B, C, p, softmax_scale, rope)
     if p == 0:
-        return chunk_ssd_triton(x, dt, A, B, C, chunk_size, D=D)
-    if p == seq_len:
-        return _attention(x, B, C, softmax_scale, rotary)
-    inputs = (x, dt, A, B, C, D)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        return _SplicedCore.apply(*inputs, p, chunk_size, softmax_scale, rotary)
-    y = chunk_ssd_triton(x, dt, A, B, C, chunk_size, D=D, transpoint=p)
-    y[:, :p] = _attention(x[:, :p], B[:, :p], C[:, :p], softmax_scale, rotary)
-    return y
+        y = torch.ops.transmamba.ssd_fwd(x, dt, dt_bias, A, B, C, D, None, int(chunk_size), 0,
+                                         raw_dt, raw_dt, lo, hi)[0]
+        return y, None
+    y, attention, *_ = torch.ops.transmamba.core(x, dt, dt_bias, A, B, C, D, rope, p,
+                                                 int(chunk_size), float(softmax_scale), raw_dt,
+                                                 lo, hi)
+    return y, attention
 
 
-def _attention(x: Tensor, B: Tensor, C: Tensor, softmax_scale: float,
-               rotary: Optional[RotaryFn]) -> Tensor:
-    """``prefix_attention`` on tensors already cut to the prefix: [B, p, ...] -> [B, p, H, P]."""
-    q, k = (C, B) if rotary is None else (rotary(C), rotary(B))
-    return grouped_attention(q, k, x, softmax_scale)
+def _prefix_attention(x: Tensor, B: Tensor, C: Tensor, p: int, softmax_scale: float,
+                      rope: Optional[Tensor]) -> Tensor:
+    """Causal attention of tokens [0, p): Q = C, K = B rotated by the fused RoPE kernel,
+    V = x with each group's H/G value heads as one wide value. [B, G, p, H/G * P]."""
+    from transmamba_kernels.rope.rope_qk import rope_qk_triton
+
+    batch, _, heads, head_dim = x.shape
+    groups = B.shape[2]
+    q, k = C[:, :p], B[:, :p]
+    if rope is not None:
+        q, k = rope_qk_triton(q, k, rope)
+    v = x[:, :p].reshape(batch, p, groups, (heads // groups) * head_dim)   # a view
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          is_causal=True, scale=softmax_scale)
 
 
-class _SplicedCore(torch.autograd.Function):
-    """The core at 0 < p < T without whole-tensor copies (TransPoint-aware, like the SSD).
-
-    Forward: the Triton SSD writes [B, T, H, P] with rows [0, p) zero, and the attention output
-    is copied into those rows (p rows, where ``torch.cat`` copied T). Backward: the SSD gets the
-    whole output gradient (it never reads rows before p: they are constant zeros), attention
-    gets a view of rows [0, p), and attention's x, B, C gradients are added into the prefix rows
-    of the SSD's (where slicing would zero-pad each to T rows and sum two T-row tensors). Both
-    segments keep their own autograd graphs, built in forward on detached inputs and run by
-    ``torch.autograd.grad`` in backward; ``rotary`` must not need gradients (RoPE tables do not).
-    """
-
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, p, chunk_size, softmax_scale, rotary):
-        from transmamba_kernels.ssd.chunk import chunk_ssd_triton
-
-        needs = ctx.needs_input_grad
-        with torch.enable_grad():
-            ssd_in = [t.detach().requires_grad_(need) for t, need in zip((x, dt, A, B, C, D), needs)]
-            y = chunk_ssd_triton(*ssd_in[:5], chunk_size, D=ssd_in[5], transpoint=p)
-            prefix_in = [t[:, :p].detach().requires_grad_(need)
-                         for t, need in ((x, needs[0]), (B, needs[3]), (C, needs[4]))]
-            attention = _attention(*prefix_in, softmax_scale, rotary)
-        out = y.detach()                                      # the same buffer
-        out[:, :p] = attention.detach()
-        ctx.p, ctx.graphs = p, (y, ssd_in, attention, prefix_in)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        y, ssd_in, attention, prefix_in = ctx.graphs
-        del ctx.graphs                                        # free both graphs after use
-        grads = _grad(y, ssd_in, dout)
-        prefix_grads = _grad(attention, prefix_in, dout[:, :ctx.p].to(attention.dtype))
-        for full, prefix in zip((grads[0], grads[3], grads[4]), prefix_grads):
-            if prefix is not None:
-                full[:, :ctx.p] += prefix
-        return (*grads, None, None, None, None)
+@torch.library.custom_op("transmamba::core", mutates_args=())
+def _core_op(x: Tensor, dt: Tensor, dt_bias: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
+             D: Tensor, rope: Optional[Tensor], transpoint: int, chunk_size: int,
+             softmax_scale: float, raw_dt: bool, dt_limit_min: float,
+             dt_limit_max: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, attention, SSD states, final state, chunk decay) at 0 < transpoint < T."""
+    y, final, states, decay = torch.ops.transmamba.ssd_fwd(
+        x, dt, dt_bias, A, B, C, D, None, chunk_size, transpoint, raw_dt, raw_dt, dt_limit_min,
+        dt_limit_max)
+    attention = _prefix_attention(x, B, C, transpoint, softmax_scale, rope)
+    return y, attention, states, final, decay
 
 
-def _grad(output: Tensor, inputs: list, grad_output: Tensor) -> list:
-    """torch.autograd.grad for the inputs that require it (None for the others)."""
-    wanted = [t for t in inputs if t.requires_grad]
-    found = iter(torch.autograd.grad(output, wanted, grad_output) if wanted else ())
-    return [next(found) if t.requires_grad else None for t in inputs]
+_core_op.register_fake(_core_op._init_fn)   # the same code on fake tensors gives the shapes
+
+
+@torch.library.custom_op("transmamba::core_backward", mutates_args=())
+def _core_backward_op(dy: Tensor, dattention: Tensor, x: Tensor, dt: Tensor,
+                      dt_bias: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+                      rope: Optional[Tensor], states: Tensor, final: Tensor, decay: Tensor,
+                      transpoint: int, chunk_size: int, softmax_scale: float, raw_dt: bool,
+                      dt_limit_min: float, dt_limit_max: float
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, ddt, d dt_bias, dA, dB, dC, dD); d dt_bias is empty without dt_bias."""
+    p = transpoint
+    with _autograd_enabled():
+        prefix = [t[:, :p].detach().requires_grad_(True) for t in (x, B, C)]
+        attention = _prefix_attention(prefix[0], prefix[1], prefix[2], p, softmax_scale, rope)
+        dx_prefix, dB_prefix, dC_prefix = torch.autograd.grad(attention, prefix, dattention)
+    dx, ddt, dbias, dA, dB, dC, dD, _ = torch.ops.transmamba.ssd_bwd(
+        dy, None, x, dt, dt_bias, A, B, C, D, None, states, final, decay, chunk_size, p, raw_dt,
+        raw_dt, dt_limit_min, dt_limit_max, dx_prefix, dB_prefix, dC_prefix)
+    return dx, ddt, dbias, dA, dB, dC, dD
+
+
+@contextlib.contextmanager
+def _autograd_enabled():
+    """Autograd inside a custom op's body: torch runs the body below autograd (its dispatch
+    keys excluded), which ``torch.enable_grad`` alone does not undo. Autocast stays excluded."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    autocast = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU) | torch._C.DispatchKeySet(
+        torch._C.DispatchKey.AutocastCUDA)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
+                                         exclude & autocast), torch.enable_grad():
+        yield
+
+
+@_core_backward_op.register_fake
+def _(dy, dattention, x, dt, dt_bias, A, B, C, D, *args):
+    like = lambda t: t.new_empty(t.shape)
+    return (like(x), like(dt), like(dt_bias) if dt_bias is not None else x.new_empty(0), like(A),
+            like(B), like(C), like(D))
+
+
+def _core_setup(ctx, inputs, output):
+    x, dt, dt_bias, A, B, C, D, rope, *scalars = inputs
+    _, _, states, final, decay = output
+    ctx.save_for_backward(x, dt, dt_bias, A, B, C, D, rope, states, final, decay)
+    ctx.scalars = scalars
+    ctx.mark_non_differentiable(states, final, decay)
+    ctx.set_materialize_grads(False)
+
+
+def _core_backward(ctx, dy, dattention, *_):
+    x, dt, dt_bias, A, B, C, D, rope, states, final, decay = ctx.saved_tensors
+    transpoint, chunk_size, softmax_scale, raw_dt, lo, hi = ctx.scalars
+    if dy is None:
+        dy = torch.zeros_like(x)
+    if dattention is None:
+        dattention = x.new_zeros(x.shape[0], B.shape[2], transpoint,
+                                 x.shape[2] // B.shape[2] * x.shape[3])
+    dx, ddt, dbias, dA, dB, dC, dD = torch.ops.transmamba.core_backward(
+        dy, dattention, x, dt, dt_bias, A, B, C, D, rope, states, final, decay, transpoint,
+        chunk_size, softmax_scale, raw_dt, lo, hi)
+    return (dx, ddt, dbias if dt_bias is not None else None, dA, dB, dC, dD,
+            None, None, None, None, None, None, None)
+
+
+_core_op.register_autograd(_core_backward, setup_context=_core_setup)
 
 
 def _core_triton_packed(x, dt, A, B, C, D, transpoint, chunk_size, softmax_scale, rotary,
@@ -213,8 +295,13 @@ def _per_document(documents: PackedDocuments, fn, *tensors: Tensor) -> Tensor:
 
 
 def gated_rmsnorm_torch(y: Tensor, z: Tensor, weight: Tensor, groups: int, eps: float,
-                        transpoint: int, documents: Optional[PackedDocuments] = None) -> Tensor:
-    """``gated_rmsnorm_naive``; with documents, each one alone (gate from its own p on)."""
+                        transpoint: int, documents: Optional[PackedDocuments] = None,
+                        y_prefix: Optional[Tensor] = None) -> Tensor:
+    """``gated_rmsnorm_naive``; with documents, each one alone (gate from its own p on).
+    ``y_prefix`` [B, p, G, C/G] replaces rows t < p of y (the fused kernel's signature)."""
+    if y_prefix is not None:
+        prefix = y_prefix.reshape(*y_prefix.shape[:2], -1)
+        y = torch.cat([prefix, y[:, prefix.shape[1]:]], dim=1)
     if documents is None:
         return gated_rmsnorm_naive(y, z, weight, groups, eps, transpoint)
     return _per_document(documents, lambda y_d, z_d: gated_rmsnorm_naive(
@@ -222,12 +309,14 @@ def gated_rmsnorm_torch(y: Tensor, z: Tensor, weight: Tensor, groups: int, eps: 
 
 
 def gated_rmsnorm_triton(y: Tensor, z: Tensor, weight: Tensor, groups: int, eps: float,
-                         transpoint: int, documents: Optional[PackedDocuments] = None) -> Tensor:
+                         transpoint: int, documents: Optional[PackedDocuments] = None,
+                         y_prefix: Optional[Tensor] = None) -> Tensor:
     from transmamba_kernels.norm.gated_rmsnorm import gated_rmsnorm_triton as fused
 
     # packed documents: the kernel gates by each token's position in its document
     position_ids = documents.position_ids if documents is not None else None
-    return fused(y, z, weight, groups, eps, transpoint, position_ids=position_ids)
+    return fused(y, z, weight, groups, eps, transpoint, position_ids=position_ids,
+                 y_prefix=y_prefix)
 
 
 def causal_conv1d_silu_triton(x: Tensor, weight: Tensor, bias: Tensor,
@@ -236,9 +325,53 @@ def causal_conv1d_silu_triton(x: Tensor, weight: Tensor, bias: Tensor,
     return fused(x, weight, bias, seq_idx)
 
 
+def _processed_dt(dt: Tensor, dt_bias: Tensor, A_log: Tensor, dt_limit, acc: torch.dtype):
+    """DESIGN step 4: dt = clamp(softplus(dt + dt_bias), dt_limit), A = -exp(A_log), in acc."""
+    dt = F.softplus(dt.to(acc) + dt_bias.to(acc))
+    if tuple(dt_limit) != (0.0, math.inf):        # softplus is already in (0, inf)
+        dt = dt.clamp(*dt_limit)
+    return dt, -torch.exp(A_log.to(acc))
+
+
+def mixer_core_torch(x: Tensor, dt: Tensor, dt_bias: Tensor, A_log: Tensor, B: Tensor,
+                     C: Tensor, D: Tensor, transpoint: int, chunk_size: int,
+                     softmax_scale: float, rope: Optional[Tensor] = None,
+                     dt_limit=(0.0, math.inf), documents: Optional[PackedDocuments] = None
+                     ) -> tuple[Tensor, None]:
+    """The mixer's core from in_proj's raw dt and the parameters (the reference backend):
+    x [B, T, H, P], dt [B, T, H] raw, dt_bias / A_log / D [H], B, C [B, T, G, N], rope the
+    RoPE angle table or None. Returns (y [B, T, H, P], None) in float32 (float64 for a float64
+    model) math; the second item is the triton backend's separate prefix (none here)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dt, A = _processed_dt(dt, dt_bias, A_log, dt_limit, acc)
+    rotary = partial(apply_rope, table=rope) if rope is not None else None
+    return transmamba_core_torch(x, dt, A, B, C, D.to(acc), transpoint, chunk_size,
+                                 softmax_scale, rotary, documents), None
+
+
+def mixer_core_triton(x: Tensor, dt: Tensor, dt_bias: Tensor, A_log: Tensor, B: Tensor,
+                      C: Tensor, D: Tensor, transpoint: int, chunk_size: int,
+                      softmax_scale: float, rope: Optional[Tensor] = None,
+                      dt_limit=(0.0, math.inf), documents: Optional[PackedDocuments] = None
+                      ) -> tuple[Tensor, Optional[Tensor]]:
+    """``mixer_core_torch`` on the Triton path: (y [B, T, H, P], y_prefix [B, p, G, H/G * P]
+    or None) for the gated norm, which reads rows t < p from y_prefix (``fused_core``; rows
+    of y before p are never read). Packed documents take the spliced path (one tensor)."""
+    if documents is not None:
+        acc = torch.float32
+        dt, A = _processed_dt(dt, dt_bias, A_log, dt_limit, acc)
+        return transmamba_core_triton(x, dt, A, B, C, D.to(acc), transpoint, chunk_size,
+                                      softmax_scale, rope, documents), None
+    y, attention = fused_core(x, dt, dt_bias, A_log, B, C, D, transpoint, chunk_size,
+                              softmax_scale, rope, dt_limit)
+    if y is None:                          # p >= T: the norm reads every row from the prefix
+        y = x.new_empty(x.shape)
+    return y, attention.transpose(1, 2) if attention is not None else None
+
+
 # backend -> (causal conv + SiLU, core, gated grouped RMSNorm); every entry has the signature
 # of its torch counterpart
 BACKENDS = {
-    "torch": (causal_conv1d_silu_naive, transmamba_core_torch, gated_rmsnorm_torch),
-    "triton": (causal_conv1d_silu_triton, transmamba_core_triton, gated_rmsnorm_triton),
+    "torch": (causal_conv1d_silu_naive, mixer_core_torch, gated_rmsnorm_torch),
+    "triton": (causal_conv1d_silu_triton, mixer_core_triton, gated_rmsnorm_triton),
 }

@@ -30,7 +30,6 @@ from megatron.core.utils import get_pg_rank, get_pg_size, get_tensor_model_paral
 from torch import Tensor
 
 from megatron_transmamba.config import TransMambaConfig
-from megatron_transmamba.layers.rotary import apply_rope
 from megatron_transmamba.layers.mixer_core import BACKENDS
 from megatron_transmamba.layers.packed_documents import PackedDocuments
 from megatron_transmamba.parallel.tensor_parallel import local_components, split_sharded_tensor
@@ -161,25 +160,18 @@ class TransMambaMixer(MegatronModule):
         x, B, C = torch.split(xBC, [self.inner, self.groups * self.state_dim,
                                     self.groups * self.state_dim], dim=-1)
         batch = x.shape[0]
-        x = x.reshape(batch, seq_len, self.heads, self.head_dim)
-        B = B.reshape(batch, seq_len, self.groups, self.state_dim)
-        C = C.reshape(batch, seq_len, self.groups, self.state_dim)
-        # float32 (float64 for a float64 model, so that it is an exact reference)
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))
-        if tuple(self.config.dt_limit) != (0.0, math.inf):   # softplus is already in (0, inf)
-            dt = dt.clamp(*self.config.dt_limit)
-        A = -torch.exp(self.A_log.to(dt.dtype))
-
-        rotary = None
+        x = x.reshape(batch, seq_len, self.heads, self.head_dim)             # views of the conv
+        B = B.reshape(batch, seq_len, self.groups, self.state_dim)           # output: the
+        C = C.reshape(batch, seq_len, self.groups, self.state_dim)           # kernels read them
+        rope = None
         if rotary_pos_emb is not None and self.config.mixer_position_embedding == "rope":
-            rotary = partial(apply_rope, table=rotary_pos_emb)
-        y = self.core(x, dt, A, B, C, self.D.to(dt.dtype), self.transpoint,
-                      self.config.ssd_chunk_size, self.softmax_scale, rotary,
-                      documents)                                       # [B, S, H, P]
+            rope = rotary_pos_emb
+        y, y_prefix = self.core(x, dt, self.dt_bias, self.A_log, B, C, self.D, self.transpoint,
+                                self.config.ssd_chunk_size, self.softmax_scale, rope,
+                                tuple(self.config.dt_limit), documents)      # [B, S, H, P]
         y = self.gated_norm(y.reshape(batch, seq_len, self.inner), z, self.norm_weight,
                             self.groups, self.config.layernorm_epsilon, self.transpoint,
-                            documents)
+                            documents, y_prefix=y_prefix)
         return y
 
     def forward(self, hidden_states: Tensor, rotary_pos_emb: Optional[Tensor] = None,

@@ -48,10 +48,10 @@ def test_triton_backend_equals_torch_backend(T, p):
                                             (36, "BC"), (37, "all"), (9, "none"), (9, "x"),
                                             (9, "BC")])
 def test_triton_core_splice_equals_torch_core(p, needs_grad):
-    """The triton core writes the prefix attention into the SSD's output buffer and splits the
-    gradient without copies (``_SplicedCore``): outputs and the gradients of the inputs that
-    need one equal the torch reference core, also when only some inputs need gradients and
-    without autograd."""
+    """The triton core (the custom op ``transmamba::core``: SSD, RoPE and SDPA on the prefix,
+    whose backward hands attention's prefix gradients to the SSD kernels) equals the torch
+    reference core: outputs and the gradients of the inputs that need one, also when only some
+    inputs need gradients and without autograd."""
     from megatron_transmamba.layers.mixer_core import transmamba_core_torch, transmamba_core_triton
     from functools import partial
     from megatron_transmamba.layers.rotary import apply_rope
@@ -60,14 +60,15 @@ def test_triton_core_splice_equals_torch_core(p, needs_grad):
     x, B, C = torch.randn(2, T, H, P), torch.randn(2, T, G, N), torch.randn(2, T, G, N)
     dt = torch.rand(2, T, H) * 0.5 + 0.05
     A, D = -torch.rand(H) - 0.5, torch.randn(H)
-    rotary = partial(apply_rope, table=rope_table(T, N, 10000.0))
+    table = rope_table(T, N, 10000.0)
     grad_of = {"all": "xBC", "x": "x", "BC": "BC", "none": ""}[needs_grad]
     results = []
-    for core in (transmamba_core_torch, transmamba_core_triton):
+    for core, rope in ((transmamba_core_torch, partial(apply_rope, table=table)),
+                       (transmamba_core_triton, table)):
         inputs = {name: t.clone().requires_grad_(name in grad_of)
                   for name, t in (("x", x), ("B", B), ("C", C))}
         with torch.set_grad_enabled(bool(grad_of)):
-            y = core(inputs["x"], dt, A, inputs["B"], inputs["C"], D, p, 16, N ** -0.5, rotary)
+            y = core(inputs["x"], dt, A, inputs["B"], inputs["C"], D, p, 16, N ** -0.5, rope)
         grads = {}
         if grad_of:
             y.pow(2).sum().backward()
