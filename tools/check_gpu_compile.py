@@ -3,7 +3,7 @@
 Run before a GPU session, with the Triton version the GPU machine has, so a kernel that does
 not compile there costs no GPU time:
 
-    python tools/check_gpu_compile.py [--arch 90] [--filter ssd]
+    python tools/check_gpu_compile.py [--arch 90] [--filter ssd,conv,norm,swiglu]
 
 The kernel wrappers run on small CPU tensors with kernel launches intercepted: nothing is
 launched (outputs stay unwritten). Each launch's argument types, specialisations and
@@ -69,7 +69,9 @@ def drive_kernels(recorder: Recorder, only: str) -> None:
     """Calls the wrappers in the variants the model uses: bf16 training, fp32 (exact), packed."""
     sys.path.insert(0, ROOT)
     from kernels.conv.causal_conv import causal_conv1d_silu_triton
-    from kernels.norm.gated_rmsnorm import gated_rmsnorm_triton, rmsnorm_triton
+    from kernels.norm.gated_rmsnorm import gated_rmsnorm_triton
+    from kernels.norm.rmsnorm import add_rmsnorm_triton, rmsnorm_triton
+    from kernels.swiglu.swiglu import swiglu_triton
     from kernels.ssd.chunk import chunk_ssd_triton, ssd_backward, ssd_forward
 
     def grad(out, *leaves):
@@ -105,14 +107,33 @@ def drive_kernels(recorder: Recorder, only: str) -> None:
                 recorder.context = f"conv {dtype} seq_idx={seq is not None}"
                 xc, w, b = leaf(batch, T, 3 * 128), leaf(3 * 128, 1, 4), leaf(3 * 128)
                 grad(causal_conv1d_silu_triton(xc, w, b, seq_idx=seq), xc, w, b)
+            recorder.context = f"conv {dtype} strided x, bf16 params"
+            proj = leaf(batch, T, 4 * 128)
+            wb, bb = (torch.randn(3 * 128, 1, 4).bfloat16().requires_grad_(True),
+                      torch.randn(3 * 128).bfloat16().requires_grad_(True))
+            grad(causal_conv1d_silu_triton(proj[..., 64:64 + 3 * 128], wb, bb), proj, wb, bb)
         if "norm" in only:
             for positions in (None, torch.arange(T)[None].expand(batch, T).contiguous()):
                 recorder.context = f"norm {dtype} position_ids={positions is not None}"
                 yn, z, w = leaf(batch, T, 256), leaf(batch, T, 256), leaf(256)
                 grad(gated_rmsnorm_triton(yn, z, w, 4, 1e-5, 50, position_ids=positions), yn, z, w)
+            recorder.context = f"norm {dtype} strided z, y_prefix"
+            proj, yn, w = leaf(batch, T, 600), leaf(batch, T, 256), leaf(256)
+            attn = leaf(batch, 4, 50, 64)
+            grad(gated_rmsnorm_triton(yn, proj[..., 8:264], w, 4, 1e-5, 50,
+                                      y_prefix=attn.transpose(1, 2)), yn, proj, w, attn)
             recorder.context = f"rmsnorm {dtype}"
             xn, w = leaf(T, batch, 1536), leaf(1536)
             grad(rmsnorm_triton(xn, w, 1e-5), xn, w)
+            recorder.context = f"add_rmsnorm {dtype}, fp32 residual, bf16 weight"
+            xn, res = leaf(T, batch, 1536), torch.randn(T, batch, 1536, requires_grad=True)
+            wb = torch.ones(1536, dtype=torch.bfloat16, requires_grad=True)
+            normed, summed = add_rmsnorm_triton(xn, res, wb, 1e-5)
+            torch.autograd.grad(normed.float().sum() + summed.sum(), (xn, res, wb))
+        if "swiglu" in only:
+            recorder.context = f"swiglu {dtype}"
+            xs = leaf(T, batch, 2 * 1000)
+            grad(swiglu_triton(xs), xs)
         if "rope" in only:
             from kernels.rope.rope_qk import rope_qk_triton
             rows = 2
@@ -142,7 +163,7 @@ def drive_kernels(recorder: Recorder, only: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability (90: H100/H200)")
-    parser.add_argument("--filter", default="ssd,conv,norm,rope,cross_entropy",
+    parser.add_argument("--filter", default="ssd,conv,norm,swiglu,rope,cross_entropy",
                         help="which wrappers to drive")
     args = parser.parse_args(argv)
     recorder = Recorder(GPUTarget("cuda", args.arch, 32))
