@@ -70,6 +70,7 @@ class TrainResult:
     saved: list = field(default_factory=list)             # checkpoint folders completed
     stop_reason: Optional[str] = None                     # 'exit_at_step', 'SIGTERM', or None
     peak_memory_bytes: int = 0                            # max over ranks (CUDA allocator)
+    profile: Optional[dict] = None                        # profiled window, per step (profiling.py)
 
 
 def pad_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
@@ -681,6 +682,7 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
                 break
         finish_saves(blocking=True)
     result.flops_per_token, result.peak_tflops = flops_per_token, peak
+    result.profile = profiler.stats
     if device.type == "cuda":
         peak_memory = torch.tensor(torch.cuda.max_memory_allocated(device), device=device)
         torch.distributed.all_reduce(peak_memory, op=torch.distributed.ReduceOp.MAX)

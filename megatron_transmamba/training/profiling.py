@@ -18,6 +18,28 @@ from typing import Callable, Optional
 import torch
 
 
+def step_stats(events, wall: float, steps: int, on_gpu: bool) -> dict:
+    """Per-step numbers of a profiled window (milliseconds): ``wall_ms``; ``host_ms``, the self
+    CPU time of every host-side operator and runtime call summed over threads (what the host
+    spends issuing the step); on GPU ``device_ms``, the summed time of the device-side events
+    (kernels, copies), ``launches``, how many there were, and ``host_launch_calls``, the
+    runtime's kernel and graph launches (a replayed CUDA graph is one call for its kernels).
+    Device entries are None on CPU."""
+    device = torch.autograd.DeviceType.CUDA
+    host = [e for e in events if e.device_type != device]
+    stats = {"wall_ms": wall * 1e3 / steps,
+             "host_ms": sum(e.self_cpu_time_total for e in host) / 1e3 / steps,
+             "device_ms": None, "launches": None, "host_launch_calls": None}
+    if on_gpu:
+        kernels = [e for e in events if e.device_type == device]
+        stats.update(
+            device_ms=sum(e.self_device_time_total for e in kernels) / 1e3 / steps,
+            launches=sum(e.count for e in kernels) / steps,
+            host_launch_calls=sum(e.count for e in host if "LaunchKernel" in e.key
+                                  or "GraphLaunch" in e.key) / steps)
+    return stats
+
+
 class StepProfiler:
     """``begin(step)`` before and ``end(step)`` after each training step (1-based step numbers
     of the step about to run / just run); does nothing outside the window or on other ranks."""
@@ -31,6 +53,7 @@ class StepProfiler:
         self.rank, self.log = rank, log
         self.profiler: Optional[torch.profiler.profile] = None
         self.wall_start = 0.0
+        self.stats: Optional[dict] = None       # per-step numbers of the window (``step_stats``)
 
     def begin(self, step: int) -> None:
         if not self.enabled or step != self.first_step:
@@ -54,6 +77,8 @@ class StepProfiler:
         os.makedirs(self.directory, exist_ok=True)
         trace = os.path.join(self.directory, f"rank{self.rank}.json")
         profiler.export_chrome_trace(trace)
+        self.stats = step_stats(profiler.key_averages(), wall, self.last_step - self.first_step + 1,
+                                torch.cuda.is_available())
         self.log(self.summary(profiler, wall, trace))
 
     def summary(self, profiler, wall: float, trace: str) -> str:
