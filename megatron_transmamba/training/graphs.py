@@ -9,14 +9,18 @@ parameter names and checkpoints as they are (issue #15, the "lean training step"
   stays short and the embedding, LM head and pipeline schedule stay eager). ``dynamic=False``:
   one graph per shape; evaluation (``eval()``, no grad) compiles a second one per layer kind.
   ``training.compile_fullgraph`` (default true) makes a graph break an error naming its cause
-  instead of a silent fall back to partly eager layers.
+  instead of a silent fall back to partly eager layers. Packed documents
+  (``data.reset_at_eod``) are refused: the layers would receive a ``PackedDocuments`` whose
+  document spans are host data that change with every batch (a recompile per batch).
 - ``capture_layer_graphs`` (``training.cuda_graphs``): each layer's forward and backward are
   captured with ``torch.cuda.make_graphed_callables`` after DDP, the optimizer and a resumed
   checkpoint have put every parameter where it stays (the graphs read parameters in place;
   the optimizer updates them in place). All layers of a chunk are captured in one call, in
   forward order, so they share one memory pool and replay as they were captured. A training
   step then costs one graph launch per layer and direction instead of its kernels; the
-  embedding, LM head, loss, optimizer and gradient reduction stay eager.
+  embedding, LM head, loss, optimizer and gradient reduction stay eager. With both options,
+  each layer's forward is compiled (not the layer, so ``compile_layers`` is not used) and the
+  compiled kernels are what the graphs capture.
 
 Limits of CUDA graphs (``check_cuda_graphs`` refuses the rest with a one-line error before any
 process group starts): static shapes (one micro-batch size and T); a layer's input is copied
