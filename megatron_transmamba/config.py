@@ -107,10 +107,20 @@ class TransMambaConfig(TransformerConfig):
         self._validate_tensor_parallel()
         self._validate_scan()
         self.transpoints = self._resolve_transpoints()
+        if self._fused_swiglu_applies():
+            # megatron-core's MLP then hands fc1's output to our FusedSwiGLU (layers/mlp.py)
+            self.use_te_activation_func = True
         with warnings.catch_warnings():
             # megatron-core 0.16 warns about its own default cuda_graph_scope on every config.
             warnings.filterwarnings("ignore", message="full scope is deprecated")
             super().__post_init__()
+
+    def _fused_swiglu_applies(self) -> bool:
+        """A bias-free SwiGLU MLP that layers/mlp.FusedSwiGLU computes exactly (triton backend)."""
+        return (self.mixer_backend == "triton" and "-" in self.layer_pattern
+                and self.gated_linear_unit and self.activation_func is F.silu
+                and not self.add_bias_linear and not self.bias_activation_fusion
+                and self.glu_linear_offset == 0.0 and self.activation_func_clamp_value is None)
 
     def _validate_pattern(self):
         bad = sorted(set(self.layer_pattern) - set(LAYER_SYMBOLS))

@@ -14,6 +14,7 @@ import math
 from typing import Optional
 
 import torch.nn.functional as F
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -63,3 +64,47 @@ class SDPAttention(MegatronModule):
         out = document_attention(*(t.transpose(0, 1) for t in (query, key, value)),
                                  packed_seq_params, attend)                 # [B, S, h, d]
         return out.transpose(0, 1).reshape(seq_len, batch, heads * dim)
+
+
+class SelfAttentionFusedRope(SelfAttention):
+    """megatron-core ``SelfAttention`` whose training forward rotates Q and K in one fused kernel.
+
+    Without Transformer Engine or apex, megatron-core's RoPE recomputes cos and sin and runs
+    about ten kernels per tensor, forward and again backward. Under ``mixer_backend: triton``
+    this forward runs the fused QKV projection, ``rope_qk_triton`` (both tensors, one kernel each
+    way, reading the projection's views in place; the table may be per document,
+    [S, B, 1, dim]), the core attention and the output projection. Everything else (inference,
+    output gates, partial or interleaved RoPE) is megatron-core's own forward.
+    """
+
+    def __init__(self, config, submodules, *args, **kwargs):
+        super().__init__(config, submodules, *args, **kwargs)
+        self.fused_rope = None
+        if (getattr(config, "mixer_backend", "torch") == "triton"
+                and not config.rotary_interleaved and not config.attention_output_gate):
+            from transmamba_kernels.rope.rope_qk import rope_qk_triton
+
+            self.fused_rope = rope_qk_triton
+
+    def forward(self, hidden_states, attention_mask=None, key_value_states=None,
+                inference_context=None, rotary_pos_emb=None, packed_seq_params=None, **kwargs):
+        plain = (self.fused_rope is None or inference_context is not None
+                 or kwargs.get("inference_params") is not None or key_value_states is not None
+                 or not isinstance(rotary_pos_emb, Tensor)
+                 or rotary_pos_emb.shape[-1] != self.hidden_size_per_attention_head)
+        if plain:
+            return super().forward(hidden_states, attention_mask, key_value_states=key_value_states,
+                                   inference_context=inference_context,
+                                   rotary_pos_emb=rotary_pos_emb,
+                                   packed_seq_params=packed_seq_params, **kwargs)
+        query, key, value = self.get_query_key_value_tensors(hidden_states)   # [S, B, heads, d]
+        query, key = self.fused_rope(query, key, rotary_pos_emb, seq_first=True)
+        if self.checkpoint_core_attention and self.training:
+            out = self._checkpointed_attention_forward(
+                query, key, value, attention_mask, attn_mask_type=self.attn_mask_type,
+                packed_seq_params=packed_seq_params)
+        else:
+            out = self.core_attention(query, key, value, attention_mask,
+                                      attn_mask_type=self.attn_mask_type,
+                                      packed_seq_params=packed_seq_params)      # [S, B, h*d]
+        return self.linear_proj(out)

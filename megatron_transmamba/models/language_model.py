@@ -104,7 +104,7 @@ class TransMambaLanguageModel(LanguageModule):
                 self.embedding = LanguageModelEmbedding(config, vocab_size, config.seq_length,
                                                         position_embedding_type="none",
                                                         tp_group=tp_group)
-        specs = layer_specs(use_transformer_engine)
+        specs = layer_specs(use_transformer_engine, fused_swiglu=config.use_te_activation_func)
         # megatron-core's TransformerLayer adds its own (even-split) pipeline offset to
         # layer_number; subtract it so every layer keeps its global number.
         megatron_offset = get_transformer_layer_offset(config, vp_stage,
@@ -230,8 +230,14 @@ class TransMambaLanguageModel(LanguageModule):
         logits, _ = self.output_layer(hidden, weight=self.output_weight())   # [S, B, V/tp]
         if labels is None:
             return logits.transpose(0, 1).contiguous()
-        loss = vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous(),
-                                            self.tp_group)
+        labels = labels.transpose(0, 1).contiguous()                # [S, B]
+        if self.config.mixer_backend == "triton":   # fused: no float32 copy of the logits
+            from transmamba_kernels.cross_entropy.cross_entropy import cross_entropy_triton
+
+            loss = cross_entropy_triton(logits.view(-1, logits.shape[-1]), labels.view(-1),
+                                        self.tp_group).view(labels.shape)
+        else:
+            loss = vocab_parallel_cross_entropy(logits.float(), labels, self.tp_group)
         return loss.transpose(0, 1).contiguous()                    # [B, S]
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),

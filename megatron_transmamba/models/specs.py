@@ -1,8 +1,9 @@
 """Layer specs: the one place that says what each layer symbol is built from.
 
 ``T`` / ``M``: our TransMamba residual block. ``*``: megatron-core ``TransformerLayer`` with
-``SelfAttention`` (column-parallel QKV, SDPA core attention, row-parallel output projection).
-``-``: megatron-core ``TransformerLayer`` with a SwiGLU ``MLP``. Norms are our
+``SelfAttention`` (column-parallel QKV, SDPA core attention, row-parallel output projection;
+``SelfAttentionFusedRope``: RoPE in one fused kernel under the triton backend). ``-``:
+megatron-core ``TransformerLayer`` with a SwiGLU ``MLP`` (``FusedSwiGLU``: the gate in one kernel). Norms are our
 sequence-parallel-aware ``RMSNorm``. When Transformer Engine is installed and
 ``use_transformer_engine`` is set, its fused attention core replaces SDPA.
 """
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from megatron_transmamba.layers.attention import SDPAttention
+from megatron_transmamba.layers.attention import SDPAttention, SelfAttentionFusedRope
+from megatron_transmamba.layers.mlp import FusedSwiGLU
 from megatron_transmamba.layers.norm import RMSNorm
 from megatron_transmamba.layers.transmamba_layer import TransMambaLayer
 
@@ -45,7 +47,7 @@ def attention_layer_spec(use_transformer_engine: bool = False) -> ModuleSpec:
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=SelfAttentionFusedRope,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
@@ -58,20 +60,23 @@ def attention_layer_spec(use_transformer_engine: bool = False) -> ModuleSpec:
     )
 
 
-def mlp_layer_spec() -> ModuleSpec:
+def mlp_layer_spec(fused_swiglu: bool = False) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             pre_mlp_layernorm=RMSNorm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
-                linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
+                linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear,
+                activation_func=FusedSwiGLU if fused_swiglu else None)),
             mlp_bda=get_bias_dropout_add,
         ),
     )
 
 
-def layer_specs(use_transformer_engine: bool = False) -> dict[str, ModuleSpec]:
-    """Spec of each layer-pattern symbol."""
+def layer_specs(use_transformer_engine: bool = False,
+                fused_swiglu: bool = False) -> dict[str, ModuleSpec]:
+    """Spec of each layer-pattern symbol (``fused_swiglu``: the config's
+    ``use_te_activation_func``, see layers/mlp.py)."""
     mixer = ModuleSpec(module=TransMambaLayer)
     return {"T": mixer, "M": mixer, "*": attention_layer_spec(use_transformer_engine),
-            "-": mlp_layer_spec()}
+            "-": mlp_layer_spec(fused_swiglu)}
