@@ -80,6 +80,7 @@ class LaunchCounter(TorchDispatchMode):
         self.region = "head"
         self.step_phase: Optional[str] = None        # "optimizer" outside forward/backward
         self.main_grads: set[int] = set()            # storage pointers of DDP's grad buffers
+        self.trace: list[str] = []                   # every launch in order (``triton:<kernel>``)
         self._in_triton = 0
         self._patches: list = []
 
@@ -91,6 +92,7 @@ class LaunchCounter(TorchDispatchMode):
 
     def _record(self, region: str, name: str) -> None:
         phase = self.phase()
+        self.trace.append(name)
         self.counts.launches[region][phase] += 1
         self.counts.ops[f"{region}/{phase}"][name] += 1
 
