@@ -359,7 +359,8 @@ def _init_optimizer_state(optimizer) -> None:
         for group in inner.param_groups:
             for param in group["params"]:
                 if not inner.state[param]:
-                    inner.state[param] = {"step": torch.zeros((), dtype=torch.float32),
+                    inner.state[param] = {"step": torch.zeros((), dtype=torch.float32,
+                                                              device=param.device),
                                           "exp_avg": torch.zeros_like(param),
                                           "exp_avg_sq": torch.zeros_like(param)}
 

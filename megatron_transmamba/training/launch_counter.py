@@ -338,7 +338,7 @@ def _count(cfg, info, model_config, bf16: bool) -> dict:
                                micro_batch_size=batch, forward_only=False)
         counter.step_phase = "optimizer"
         loss = torch.stack([d["lm loss"] for d in out]).mean()
-        applied, _ = trainer.optimizer_step(optimizer)
+        applied, _ = trainer.optimizer_step(optimizer, require_finite=False)
         if applied:
             scheduler.step(increment=1)
         counter.step_phase = None

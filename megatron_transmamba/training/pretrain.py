@@ -45,7 +45,8 @@ from megatron_transmamba.training import checkpoint as ckpt
 from megatron_transmamba.training.config import RunConfig
 from megatron_transmamba.training.graphs import (capture_layer_graphs, check_compile,
                                                  check_cuda_graphs, compile_layers)
-from megatron_transmamba.training.multi_tensor import install_foreach_multi_tensor_ops
+from megatron_transmamba.training.multi_tensor import (install_foreach_multi_tensor_ops,
+                                                       use_few_kernel_steps)
 from megatron_transmamba.training.profiling import StepProfiler
 from megatron_transmamba.training.metrics import (Throughput, format_bytes, memory_estimate_bytes,
                                                   peak_tflops, throughput)
@@ -240,6 +241,7 @@ def build_optimizer(ddp_model, t, bf16: bool, params_dtype: torch.dtype,
                         clip_grad=t.clip_grad, bf16=bf16, params_dtype=params_dtype,
                         use_distributed_optimizer=use_distributed_optimizer),
         ddp_models)
+    use_few_kernel_steps(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.lr_warmup_iters,
         lr_decay_steps=t.train_iters, lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay,
@@ -247,18 +249,19 @@ def build_optimizer(ddp_model, t, bf16: bool, params_dtype: torch.dtype,
     return optimizer, scheduler
 
 
-def optimizer_step(optimizer) -> tuple[bool, float]:
+def optimizer_step(optimizer, require_finite: bool = True) -> tuple[bool, float]:
     """megatron-core's optimizer step, taken only when the global gradient norm is finite:
     returns (applied, gradient norm).
 
     The parts of ``MegatronOptimizer.step`` / ``ChainedOptimizer.step`` run here in its order
     (prepare the main gradients, global norm, clip every part by it, update), so the gradients
     are prepared and their norm computed once, and a NaN/inf norm stops before the clip and the
-    update: it never reaches the weights or Adam's moments."""
-    if optimizer.prepare_grads():                     # a loss scaler found inf/NaN
+    update: it never reaches the weights or Adam's moments. ``require_finite=False`` updates
+    anyway (the launch counter: Triton's CPU interpreter computes bf16 wrongly)."""
+    if optimizer.prepare_grads() and require_finite:  # a loss scaler found inf/NaN
         return False, float("nan")
     grad_norm = float(optimizer.get_grad_norm() or 0.0)
-    if not math.isfinite(grad_norm):
+    if not math.isfinite(grad_norm) and require_finite:
         return False, grad_norm
     for part in getattr(optimizer, "chained_optimizers", [optimizer]):
         if getattr(part, "is_stub_optimizer", False) or part.config.clip_grad <= 0.0:
