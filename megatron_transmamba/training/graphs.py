@@ -30,10 +30,14 @@ rules out pipeline parallelism (1F1B keeps several micro-batches in flight); the
 a constant of the graph (it depends on T only); no packed documents (their layout changes with
 every batch and is read on the host), no dropout (the graph would replay the same mask) and no
 activation recomputation (megatron-core's saves and restores RNG states, which a capture
-cannot); evaluation and ``eval()`` run the layers eagerly.
+cannot); evaluation and ``eval()`` run the layers eagerly. A captured layer must not copy
+host data to the GPU in its forward: the torch mixer backend's chunked SSD reference does
+(``transmamba_kernels.ssd.naive``), so only the triton backend can be captured for now.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor, nn
@@ -159,6 +163,24 @@ class _GraphedLayerForward:
                 rotary_pos_emb is not None and rotary_pos_emb.shape != body.rope.shape):
             raise RuntimeError("a CUDA-graphed layer got a RoPE table unlike the captured one")
         return body(hidden_states), None
+
+
+@contextlib.contextmanager
+def capturable_streams(enabled: bool):
+    """Run the block (megatron-core's DDP wrapping) on a side stream when ``enabled``.
+
+    DDP keeps each parameter's gradient accumulator node, created by its constructor; a node
+    remembers the stream current at its creation. Created on the legacy default stream, a
+    captured backward would have to make that stream wait for the capture, which CUDA refuses
+    ("operation would make the legacy stream depend on a capturing blocking stream")."""
+    if not enabled:
+        yield
+        return
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream().wait_stream(side)
 
 
 def _layer_rope(model, index: int, seq_len: int, device) -> Tensor | None:

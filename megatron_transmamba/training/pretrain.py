@@ -43,8 +43,8 @@ from megatron_transmamba.parallel.initialize import (destroy_distributed, initia
 from megatron_transmamba.parallel.pipeline import rank_stages, split_layer_pattern, strip_stage_marks
 from megatron_transmamba.training import checkpoint as ckpt
 from megatron_transmamba.training.config import RunConfig
-from megatron_transmamba.training.graphs import (capture_layer_graphs, check_compile,
-                                                 check_cuda_graphs, compile_layers)
+from megatron_transmamba.training.graphs import (capturable_streams, capture_layer_graphs,
+                                                 check_compile, check_cuda_graphs, compile_layers)
 from megatron_transmamba.training.multi_tensor import (install_foreach_multi_tensor_ops,
                                                        use_few_kernel_steps)
 from megatron_transmamba.training.profiling import StepProfiler
@@ -483,8 +483,9 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
               ] if p.overlap_grad_reduce else []
     if t.compile and not t.cuda_graphs:        # with CUDA graphs, the captured layers compile
         compile_layers(chunks, t.compile_fullgraph)
-    ddp_models = wrap_model_chunks(chunks, model_config, use_bf16, p.use_distributed_optimizer,
-                                   p.overlap_grad_reduce)
+    with capturable_streams(t.cuda_graphs):
+        ddp_models = wrap_model_chunks(chunks, model_config, use_bf16,
+                                       p.use_distributed_optimizer, p.overlap_grad_reduce)
     startup["probe"] = time.time() - start_time          # includes Triton compilation
     optimizer, scheduler = build_optimizer(ddp_models, t, use_bf16, model_config.params_dtype,
                                            p.use_distributed_optimizer)

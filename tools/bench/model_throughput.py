@@ -224,8 +224,10 @@ def main(argv=None) -> int:
     def over_budget() -> bool:
         return args.time_budget_s is not None and time.time() - start > args.time_budget_s
 
-    for seq_length in _int_list(args.seq_lengths):
-        for variant in variants:
+    # variant outermost: a failed CUDA graph capture can leave the process's CUDA state
+    # unusable, so list cuda_graphs last and the other variants are measured first
+    for variant in variants:
+        for seq_length in _int_list(args.seq_lengths):
             for path in configs:
                 sizes = list(micro_batches)
                 while sizes:
