@@ -50,7 +50,8 @@ _NOT_LAUNCHES = {
     aten.set_.source_Storage, aten.set_.source_Storage_storage_offset, aten.set_.source_Tensor,
     aten.resize_.default, aten.is_same_size.default, aten.sym_size.int, aten.sym_stride.int,
     aten.sym_numel.default, aten.sym_storage_offset.default, aten.record_stream.default,
-    aten._local_scalar_dense.default,
+    aten._local_scalar_dense.default, torch.ops.profiler._record_function_enter_new.default,
+    torch.ops.profiler._record_function_exit._RecordFunction,
 }
 # Ops that make the host wait for the device (a value or a data-dependent shape is read back).
 _HOST_SYNCS = {
@@ -251,7 +252,7 @@ def count_training_step(cfg, shrink: bool = True, bf16: bool = True) -> dict:
     optimizer, the forward/backward schedule), run one warm-up step, count the next step.
 
     ``shrink``: replace the widths by small ones (hidden 64, 2 heads and groups of dim 16,
-    FFN 128, T = 128 with the TransPoint schedule scaled): the count depends on the structure
+    FFN 128, T = 64 with the TransPoint schedule scaled): the count depends on the structure
     (layer pattern, TransPoints as fractions of T, backend, precision), not on the widths.
     ``bf16``: count the bf16 step that GPUs train (megatron-core's Float16Module and mixed
     precision optimizer, also on a CPU) rather than the float32 one.
@@ -275,15 +276,20 @@ def count_training_step(cfg, shrink: bool = True, bf16: bool = True) -> dict:
 
 
 def shrunk(cfg):
-    """``cfg`` with small widths and T = 128 (same layer pattern, schedule, backend, precision)."""
+    """``cfg`` with small widths and T = 64 in chunks of 16 (same layer pattern, backend and
+    precision; TransPoints at the same fractions of T: the presets scale themselves, listed
+    values are scaled here)."""
     from megatron_transmamba.training.config import load_run_config
 
     raw = cfg.to_dict()
     model = raw["model"]
+    T = 64
+    if model.get("transpoint_values"):
+        scale = T / int(model.get("seq_length") or T)
+        model["transpoint_values"] = [round(int(v) * scale) for v in model["transpoint_values"]]
     model.update(hidden_size=64, ffn_hidden_size=128, num_attention_heads=2,
                  num_query_groups=2, kv_channels=32, mamba_num_heads=2, mamba_num_groups=2,
-                 mamba_head_dim=16, mamba_state_dim=16, seq_length=128,
-                 ssd_chunk_size=min(int(model.get("ssd_chunk_size") or 64), 32))
+                 mamba_head_dim=16, mamba_state_dim=16, seq_length=T, ssd_chunk_size=16)
     raw["training"].update(micro_batch_size=1, global_batch_size=None)
     return load_run_config(None, _as_overrides(raw))
 
