@@ -28,10 +28,11 @@ common=(--steps 8 --warmup 3 --out-dir "$out")
 case "${1:-400m}" in
   400m)
     "$py" tools/bench/model_throughput.py --name h200_400m_8k_eager --seq-lengths 8192 \
-      --micro-batch-sizes 1 --variants eager "${common[@]}" --time-budget-s 200 \
+      --micro-batch-sizes 1 --variants eager "${common[@]}" --time-budget-s "${EAGER_BUDGET_S:-200}" \
       --configs "$c/transmamba_400m.yaml,$c/transformer_400m.yaml,$c/mamba2_400m.yaml,$c/hybrid_400m.yaml"
     "$py" tools/bench/model_throughput.py --name h200_400m_8k_graphs --seq-lengths 8192 \
-      --micro-batch-sizes 1 --variants cuda_graphs,compile "${common[@]}" --time-budget-s 300 \
+      --micro-batch-sizes 1 --variants "${GRAPH_VARIANTS:-compile,cuda_graphs}" "${common[@]}" \
+      --time-budget-s "${GRAPH_BUDGET_S:-300}" \
       --configs "$c/transmamba_400m.yaml,$c/transformer_400m.yaml"
     ;;
   long)

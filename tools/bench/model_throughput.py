@@ -187,7 +187,21 @@ def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def render(paths: list[str]) -> str:
+    """The markdown table of result files (``--render docs/results/a.json ...``), in order."""
+    records = []
+    for path in paths:
+        with open(path) as f:
+            records += json.load(f)["records"]
+    return table(records)
+
+
 def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--render"]:
+        print(render(argv[1:]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                         help="comma-separated run configs of one shape")
