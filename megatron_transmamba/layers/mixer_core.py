@@ -176,8 +176,7 @@ def _prefix_attention(x: Tensor, B: Tensor, C: Tensor, p: int, softmax_scale: fl
                                           is_causal=True, scale=softmax_scale)
 
 
-@torch.library.custom_op("transmamba::core", mutates_args=())
-def _core_op(x: Tensor, dt: Tensor, dt_bias: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
+def _core_body(x: Tensor, dt: Tensor, dt_bias: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
              D: Tensor, rope: Optional[Tensor], transpoint: int, chunk_size: int,
              softmax_scale: float, raw_dt: bool, dt_limit_min: float,
              dt_limit_max: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -189,7 +188,8 @@ def _core_op(x: Tensor, dt: Tensor, dt_bias: Optional[Tensor], A: Tensor, B: Ten
     return y, attention, states, final, decay
 
 
-_core_op.register_fake(_core_op._init_fn)   # the same code on fake tensors gives the shapes
+_core_op = torch.library.custom_op("transmamba::core", mutates_args=())(_core_body)
+_core_op.register_fake(_core_body)     # the same code on fake tensors gives the shapes
 
 
 @torch.library.custom_op("transmamba::core_backward", mutates_args=())
