@@ -258,11 +258,23 @@ def optimizer_step(optimizer, require_finite: bool = True) -> tuple[bool, float]
     are prepared and their norm computed once, and a NaN/inf norm stops before the clip and the
     update: it never reaches the weights or Adam's moments. ``require_finite=False`` updates
     anyway (the launch counter: Triton's CPU interpreter computes bf16 wrongly)."""
-    if optimizer.prepare_grads() and require_finite:  # a loss scaler found inf/NaN
-        return False, float("nan")
-    grad_norm = float(optimizer.get_grad_norm() or 0.0)
+    grad_norm = prepare_gradients(optimizer)
     if not math.isfinite(grad_norm) and require_finite:
         return False, grad_norm
+    return apply_update(optimizer, grad_norm), grad_norm
+
+
+def prepare_gradients(optimizer) -> float:
+    """The first half of ``optimizer_step``: prepare the main gradients and return their
+    global norm (NaN when a loss scaler found inf/NaN). Reading the norm is the training
+    step's one host synchronisation."""
+    if optimizer.prepare_grads():                     # a loss scaler found inf/NaN
+        return float("nan")
+    return float(optimizer.get_grad_norm() or 0.0)
+
+
+def apply_update(optimizer, grad_norm: float) -> bool:
+    """The second half of ``optimizer_step``: clip every part by the global norm, update."""
     for part in getattr(optimizer, "chained_optimizers", [optimizer]):
         if getattr(part, "is_stub_optimizer", False) or part.config.clip_grad <= 0.0:
             continue
@@ -271,7 +283,7 @@ def optimizer_step(optimizer, require_finite: bool = True) -> tuple[bool, float]
             clip_grad_by_total_norm_fp32(
                 params, max_norm=part.config.clip_grad, total_norm=grad_norm,
                 use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
-    return optimizer.step_with_ready_grads(), grad_norm
+    return optimizer.step_with_ready_grads()
 
 
 class TrainingDivergedError(RuntimeError):
@@ -301,11 +313,12 @@ class _StopSignal:
             signal.signal(signal.SIGTERM, self._previous)
         return False
 
-    def anywhere(self, device: torch.device) -> bool:
-        """Whether any rank got the signal (a collective: every rank calls it)."""
+    def anywhere(self, device: torch.device) -> torch.Tensor:
+        """Whether any rank got the signal, as a device flag (a collective: every rank calls
+        it); the training loop reads it with the loss, after the step's one host sync."""
         flag = torch.tensor([1.0 if self.received else 0.0], device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return flag[0]
 
 
 def startup_line(cfg: RunConfig, model_config: TransMambaConfig, info, num_params: int,
@@ -353,9 +366,9 @@ def lm_forward_step(data_iterator: Iterator, model, device: torch.device):
     return losses, loss_func
 
 
-def _mean_loss(loss_dicts: list[dict], pp_group) -> float:
-    """The loss averaged over micro-batches and DP ranks; only the last pipeline stage has it,
-    so it is summed over the pipeline group (the other stages add 0)."""
+def _mean_loss(loss_dicts: list[dict], pp_group) -> torch.Tensor:
+    """The loss averaged over micro-batches and DP ranks, on the device (0-d); only the last
+    pipeline stage has it, so it is summed over the pipeline group (the other stages add 0)."""
     group = parallel_state.get_data_parallel_group()
     if loss_dicts:
         loss = torch.stack([d["lm loss"] for d in loss_dicts]).mean()
@@ -365,7 +378,7 @@ def _mean_loss(loss_dicts: list[dict], pp_group) -> float:
         loss = torch.zeros((), device=pp_device())
     if torch.distributed.get_world_size(pp_group) > 1:
         torch.distributed.all_reduce(loss, group=pp_group)
-    return loss.item()
+    return loss.float()
 
 
 def pp_device() -> torch.device:
@@ -552,7 +565,7 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
                                    micro_batch_size=t.micro_batch_size, forward_only=True)
         for m in ddp_models:
             m.train()
-        return _mean_loss(out, groups.pp)
+        return _mean_loss(out, groups.pp).item()
 
     result = TrainResult(num_parameters=num_params, layout={
         "world_size": info.world_size, "tensor_model_parallel_size": info.tensor_model_parallel_size,
@@ -619,9 +632,15 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
                                    model=ddp_models, num_microbatches=num_micro,
                                    seq_length=seq_length, micro_batch_size=t.micro_batch_size,
                                    forward_only=False)
-            loss = _mean_loss(out, groups.pp)         # the same on every rank
-            applied, grad_norm = (optimizer_step(optimizer) if math.isfinite(loss)
-                                  else (False, float("nan")))
+            # The loss (the same on every rank) and the SIGTERM flag go to the host together,
+            # after the gradient norm: that read is the step's one wait for the device.
+            pending = torch.stack([_mean_loss(out, groups.pp), stop_signal.anywhere(device)])
+            grad_norm = prepare_gradients(optimizer)
+            loss, stop_requested = pending.tolist()
+            applied = (math.isfinite(loss) and math.isfinite(grad_norm)
+                       and apply_update(optimizer, grad_norm))
+            if not math.isfinite(loss):
+                grad_norm = float("nan")
             if applied:
                 scheduler.step(increment=1)
                 skipped_in_a_row = 0
@@ -675,7 +694,7 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
             finish_saves(blocking=False)
             if step == t.exit_at_step:
                 result.stop_reason = "exit_at_step"
-            elif stop_signal.anywhere(device):
+            elif stop_requested:
                 result.stop_reason = "SIGTERM"
             if checkpointer is not None and (step % cfg.checkpoint.save_interval == 0
                                              or step == t.train_iters or result.stop_reason):
