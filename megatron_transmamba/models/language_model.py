@@ -11,6 +11,12 @@ parallelism the embedding scatters [S/tp, B, d] along the sequence, the norms an
 stay sharded, the parallel linears gather before and reduce-scatter after each mixer,
 attention and MLP, and the LM head gathers the sequence back: logits are [S, B, V/tp].
 
+Residual stream (layers/norm.py): under the triton backend (no bias, no hidden dropout) the
+layers pass (hidden, residual) with hidden + residual the residual stream, so each layer's add
+and the next norm (the last layer's add and the final norm) are one ``add_rmsnorm`` kernel each
+way. A pipeline stage hands on one tensor: its last step adds, the next stage starts with
+residual None. The torch backend (the reference) adds in every layer.
+
 Packed documents (``cu_seqlens``, docs/model.md): the [B, S] layout stays; every layer gets
 the same ``PackedDocuments`` and keeps attention, conv and SSM state inside each document,
 and RoPE positions restart at each document start.
@@ -35,7 +41,7 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 from torch import Tensor, nn
 
 from megatron_transmamba.config import TransMambaConfig
-from megatron_transmamba.layers.norm import RMSNorm
+from megatron_transmamba.layers.norm import RMSNorm, residual_stream_applies
 from megatron_transmamba.layers.packed_documents import PackedDocuments
 from megatron_transmamba.layers.rotary import rope_table
 from megatron_transmamba.models.specs import layer_specs
@@ -104,7 +110,9 @@ class TransMambaLanguageModel(LanguageModule):
                 self.embedding = LanguageModelEmbedding(config, vocab_size, config.seq_length,
                                                         position_embedding_type="none",
                                                         tp_group=tp_group)
-        specs = layer_specs(use_transformer_engine, fused_swiglu=config.use_te_activation_func)
+        self.residual_stream = residual_stream_applies(config)
+        specs = layer_specs(use_transformer_engine, fused_swiglu=config.use_te_activation_func,
+                            residual_stream=self.residual_stream)
         # megatron-core's TransformerLayer adds its own (even-split) pipeline offset to
         # layer_number; subtract it so every layer keeps its global number.
         megatron_offset = get_transformer_layer_offset(config, vp_stage,
@@ -217,16 +225,19 @@ class TransMambaLanguageModel(LanguageModule):
                 attention_rope = documents.rotary_table(attention_rope)
         if self.mixer_rope_dim:
             mixer_rope = rope_table(seq_len, self.mixer_rope_dim, self.config.rope_theta, input_ids.device)
+        residual = None      # the residual stream is hidden + residual (None: hidden alone)
         for index, layer in zip(self.layer_range, self.layers):
             rope = mixer_rope if self.config.layer_pattern[index] in "TM" else attention_rope
-            if self.recompute and torch.is_grad_enabled():
-                hidden = torch.utils.checkpoint.checkpoint(
-                    _run_layer, layer, hidden, rope, documents, use_reentrant=False)
+            if self.residual_stream and _takes_residual_stream(layer):
+                hidden, residual = self._run(_run_stream_layer, layer, hidden, residual, rope,
+                                             documents)
             else:
-                hidden = _run_layer(layer, hidden, rope, documents)
-        if not self.post_process:
-            return hidden
-        hidden = self.final_norm(hidden)                            # [S/tp, B, d] under SP
+                if residual is not None:
+                    hidden, residual = hidden + residual, None
+                hidden = self._run(_run_layer, layer, hidden, rope, documents)
+        if not self.post_process:   # one tensor to the next stage
+            return hidden if residual is None else hidden + residual
+        hidden, _ = self.final_norm.add_and_norm(hidden, residual)  # [S/tp, B, d] under SP
         logits, _ = self.output_layer(hidden, weight=self.output_weight())   # [S, B, V/tp]
         if labels is None:
             return logits.transpose(0, 1).contiguous()
@@ -239,6 +250,13 @@ class TransMambaLanguageModel(LanguageModule):
         else:
             loss = vocab_parallel_cross_entropy(logits.float(), labels, self.tp_group)
         return loss.transpose(0, 1).contiguous()                    # [B, S]
+
+    def _run(self, run_layer, *args):
+        """``run_layer(*args)``, or with ``recompute`` under its checkpoint (the layer keeps only
+        its inputs and runs again in backward)."""
+        if self.recompute and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(run_layer, *args, use_reentrant=False)
+        return run_layer(*args)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: Optional[dict] = None) -> dict:
@@ -272,6 +290,18 @@ def _run_layer(layer, hidden: Tensor, rope, documents: Optional[PackedDocuments]
     # to their attention
     return layer(hidden, attention_mask=None, rotary_pos_emb=rope,
                  packed_seq_params=documents)[0]
+
+
+def _run_stream_layer(layer, hidden: Tensor, residual: Optional[Tensor], rope,
+                      documents: Optional[PackedDocuments] = None) -> tuple[Tensor, Tensor]:
+    return layer(hidden, attention_mask=None, rotary_pos_emb=rope, packed_seq_params=documents,
+                 residual=residual)
+
+
+def _takes_residual_stream(layer) -> bool:
+    # A layer whose forward was replaced on the instance (training/graphs.py's CUDA graphs
+    # capture hidden -> hidden) gets the plain stream.
+    return "forward" not in vars(layer)
 
 
 def _check_tensor_parallel_group(config: TransMambaConfig, vocab_size: int, tp_size: int) -> None:

@@ -5,7 +5,10 @@
 ``SelfAttentionFusedRope``: RoPE in one fused kernel under the triton backend). ``-``:
 megatron-core ``TransformerLayer`` with a SwiGLU ``MLP`` (``FusedSwiGLU``: the gate in one kernel). Norms are our
 sequence-parallel-aware ``RMSNorm``. When Transformer Engine is installed and
-``use_transformer_engine`` is set, its fused attention core replaces SDPA.
+``use_transformer_engine`` is set, its fused attention core replaces SDPA. When the model carries
+the fused residual stream (``residual_stream``: triton backend, no bias, no hidden dropout,
+layers/norm.py), ``*`` and ``-`` are ``ResidualStreamTransformerLayer``: megatron-core's layer,
+same submodules and parameter names, that also takes the stream.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron_transmamba.layers.attention import SDPAttention, SelfAttentionFusedRope
 from megatron_transmamba.layers.mlp import FusedSwiGLU
 from megatron_transmamba.layers.norm import RMSNorm
-from megatron_transmamba.layers.transmamba_layer import TransMambaLayer
+from megatron_transmamba.layers.transmamba_layer import (ResidualStreamTransformerLayer,
+                                                        TransMambaLayer)
 
 
 def transformer_engine_available() -> bool:
@@ -41,9 +45,10 @@ def core_attention_module(use_transformer_engine: bool = False):
     return SDPAttention
 
 
-def attention_layer_spec(use_transformer_engine: bool = False) -> ModuleSpec:
+def attention_layer_spec(use_transformer_engine: bool = False,
+                         residual_stream: bool = False) -> ModuleSpec:
     return ModuleSpec(
-        module=TransformerLayer,
+        module=ResidualStreamTransformerLayer if residual_stream else TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
             self_attention=ModuleSpec(
@@ -60,9 +65,9 @@ def attention_layer_spec(use_transformer_engine: bool = False) -> ModuleSpec:
     )
 
 
-def mlp_layer_spec(fused_swiglu: bool = False) -> ModuleSpec:
+def mlp_layer_spec(fused_swiglu: bool = False, residual_stream: bool = False) -> ModuleSpec:
     return ModuleSpec(
-        module=TransformerLayer,
+        module=ResidualStreamTransformerLayer if residual_stream else TransformerLayer,
         submodules=TransformerLayerSubmodules(
             pre_mlp_layernorm=RMSNorm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
@@ -73,10 +78,13 @@ def mlp_layer_spec(fused_swiglu: bool = False) -> ModuleSpec:
     )
 
 
-def layer_specs(use_transformer_engine: bool = False,
-                fused_swiglu: bool = False) -> dict[str, ModuleSpec]:
+def layer_specs(use_transformer_engine: bool = False, fused_swiglu: bool = False,
+                residual_stream: bool = False) -> dict[str, ModuleSpec]:
     """Spec of each layer-pattern symbol (``fused_swiglu``: the config's
-    ``use_te_activation_func``, see layers/mlp.py)."""
+    ``use_te_activation_func``, see layers/mlp.py; ``residual_stream``: ``*`` and ``-`` take the
+    fused residual stream, layers/norm.py ``residual_stream_applies``). TransMambaLayer takes
+    both forms."""
     mixer = ModuleSpec(module=TransMambaLayer)
-    return {"T": mixer, "M": mixer, "*": attention_layer_spec(use_transformer_engine),
-            "-": mlp_layer_spec(fused_swiglu)}
+    return {"T": mixer, "M": mixer,
+            "*": attention_layer_spec(use_transformer_engine, residual_stream),
+            "-": mlp_layer_spec(fused_swiglu, residual_stream)}
