@@ -16,6 +16,7 @@ unchanged). The op is a ``torch.library.custom_op`` (``transmamba::causal_conv1d
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -140,56 +141,243 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, part_ptr, T
 
 
 @triton.jit
+def _conv_bwd_load(x_ptr, dout_ptr, seq_ptr, b, t, c, mask_c, T, g_lo, g_hi, stride_b, stride_t,
+                   sd_b, sd_t, HAS_SEQ: tl.constexpr):
+    """Row t of x (zero outside [0, g_hi)), of dout (zero outside [g_lo, g_hi)) in float32, and
+    its document (t itself without seq_idx: any value of the right type will do)."""
+    xv = tl.load(x_ptr + b * stride_b + t * stride_t + c, mask=mask_c & (t >= 0) & (t < g_hi),
+                 other=0.0)
+    dv = tl.load(dout_ptr + b * sd_b + t * sd_t + c, mask=mask_c & (t >= g_lo) & (t < g_hi),
+                 other=0.0)
+    if HAS_SEQ:
+        doc = tl.load(seq_ptr + b * T + t, mask=(t >= 0) & (t < T), other=-1)
+    else:
+        doc = t
+    return xv.to(tl.float32), dv.to(tl.float32), doc
+
+
+@triton.jit
+def _conv_bwd_step(xt, dt, ct, t, win, acc, taps, bias, s0, own_end, dx_ptr, b, c, mask_c, T, C,
+                   HAS_SEQ: tl.constexpr):
+    """Input row t: its pre-activation and g from the window of the 3 rows before, its dweight
+    and dbias terms when t < own_end, and dx of row t - 3 (complete once g[t] is known).
+    Returns the window moved on by one row and the accumulators."""
+    x3, x2, x1, g3, g2, g1, c3, c2, c1 = win
+    w0, w1, w2, w3 = taps
+    if HAS_SEQ:     # a pair (output, input) counts inside one document only
+        a3 = tl.where(c3 == ct, x3, 0.0)
+        a2 = tl.where(c2 == ct, x2, 0.0)
+        a1 = tl.where(c1 == ct, x1, 0.0)
+    else:
+        a3, a2, a1 = x3, x2, x1
+    pre = bias + w0 * a3 + w1 * a2 + w2 * a1 + w3 * xt
+    sig = tl.sigmoid(pre)
+    g = dt * sig * (1.0 + pre * (1.0 - sig))        # zero where dout was not read
+    go = tl.where(t < own_end, g, 0.0)
+    dw0, dw1, dw2, dw3, db = acc
+    if HAS_SEQ:
+        dx = (w3 * g3 + w2 * tl.where(c2 == c3, g2, 0.0) + w1 * tl.where(c1 == c3, g1, 0.0)
+              + w0 * tl.where(ct == c3, g, 0.0))
+    else:
+        dx = w3 * g3 + w2 * g2 + w1 * g1 + w0 * g
+    s = t - 3
+    tl.store(dx_ptr + (b * T + s) * C + c, dx.to(dx_ptr.dtype.element_ty),
+             mask=mask_c & (s >= s0) & (s < own_end))
+    return ((x2, x1, xt, g2, g1, g, c2, c1, ct),
+            (dw0 + go * a3, dw1 + go * a2, dw2 + go * a1, dw3 + go * xt, db + go))
+
+
+@triton.jit
+def _conv_bwd_rows_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dout_ptr, dx_ptr, part_ptr, T, C,
+                          stride_b, stride_t, sd_b, sd_t, rows_per_program, W: tl.constexpr,
+                          BLOCK_C: tl.constexpr, HAS_SEQ: tl.constexpr, PREFETCH: tl.constexpr):
+    """One program: a BLOCK_C channel slice of rows_per_program consecutive positions, walked
+    one row at a time (W <= 4, the weight padded in front to 4 taps).
+
+    Each thread owns its channels for the whole walk, so nothing crosses threads: the window of
+    the last 3 rows of x and g is a few registers, and the dweight / dbias sums over the
+    program's rows stay per thread until its one float32 partial is stored. A row is read once
+    (plus 3 halo rows of x before the program's rows and 3 of x and dout after). Rows go 4 per
+    loop step, all 8 loads issued first; ``PREFETCH`` issues the next step's loads before this
+    step's arithmetic (double buffering in registers).
+    """
+    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    PAD: tl.constexpr = 4 - W
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = c < C
+    s0 = pid_t * rows_per_program
+    own_end = tl.minimum(s0 + rows_per_program, T)
+    g_hi = tl.minimum(own_end + 3, T)        # g (and x) are needed up to row own_end + 2
+    zero = tl.zeros([BLOCK_C], dtype=tl.float32)
+    w3 = tl.load(w_ptr + c * W + (3 - PAD), mask=mask_c, other=0.0).to(tl.float32)
+    if PAD < 3:                               # padded tap j is weight tap j - PAD
+        w2 = tl.load(w_ptr + c * W + (2 - PAD), mask=mask_c, other=0.0).to(tl.float32)
+    else:
+        w2 = zero
+    if PAD < 2:
+        w1 = tl.load(w_ptr + c * W + (1 - PAD), mask=mask_c, other=0.0).to(tl.float32)
+    else:
+        w1 = zero
+    if PAD < 1:
+        w0 = tl.load(w_ptr + c * W + (0 - PAD), mask=mask_c, other=0.0).to(tl.float32)
+    else:
+        w0 = zero
+    taps = (w0, w1, w2, w3)
+    bias = tl.load(b_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
+    # the 3 rows before s0: x only (dx of rows >= s0 reads g from s0 on)
+    x3, _, c3 = _conv_bwd_load(x_ptr, dout_ptr, seq_ptr, b, s0 - 3, c, mask_c, T, s0, g_hi,
+                               stride_b, stride_t, sd_b, sd_t, HAS_SEQ)
+    x2, _, c2 = _conv_bwd_load(x_ptr, dout_ptr, seq_ptr, b, s0 - 2, c, mask_c, T, s0, g_hi,
+                               stride_b, stride_t, sd_b, sd_t, HAS_SEQ)
+    x1, _, c1 = _conv_bwd_load(x_ptr, dout_ptr, seq_ptr, b, s0 - 1, c, mask_c, T, s0, g_hi,
+                               stride_b, stride_t, sd_b, sd_t, HAS_SEQ)
+    g3, g2, g1 = zero, zero, zero
+    dw0, dw1, dw2, dw3, db = zero, zero, zero, zero, zero
+    if PREFETCH:
+        xa, da, ca = _conv_bwd_load(x_ptr, dout_ptr, seq_ptr, b, s0, c, mask_c, T, s0, g_hi,
+                                    stride_b, stride_t, sd_b, sd_t, HAS_SEQ)
+        xb, dbb, cb = _conv_bwd_load(x_ptr, dout_ptr, seq_ptr, b, s0 + 1, c, mask_c, T, s0,
+                                     g_hi, stride_b, stride_t, sd_b, sd_t, HAS_SEQ)
+        xc, dc, cc = _conv_bwd_load(x_ptr, dout_ptr, seq_ptr, b, s0 + 2, c, mask_c, T, s0, g_hi,
+                                    stride_b, stride_t, sd_b, sd_t, HAS_SEQ)
+        xd, dd, cd = _conv_bwd_load(x_ptr, dout_ptr, seq_ptr, b, s0 + 3, c, mask_c, T, s0, g_hi,
+                                    stride_b, stride_t, sd_b, sd_t, HAS_SEQ)
+    for it in range((own_end + 3 - s0 + 3) // 4):      # rows s0 .. own_end + 2, 4 a step
+        t = s0 + 4 * it
+        if PREFETCH:
+            ya, ea, fa, yb, eb, fb, yc, ec, fc, yd, ed, fd = xa, da, ca, xb, dbb, cb, xc, dc, cc, xd, dd, cd
+            xa, da, ca = _conv_bwd_load(x_ptr, dout_ptr, seq_ptr, b, t + 4, c, mask_c, T, s0,
+                                        g_hi, stride_b, stride_t, sd_b, sd_t, HAS_SEQ)
+            xb, dbb, cb = _conv_bwd_load(x_ptr, dout_ptr, seq_ptr, b, t + 5, c, mask_c, T, s0,
+                                         g_hi, stride_b, stride_t, sd_b, sd_t, HAS_SEQ)
+            xc, dc, cc = _conv_bwd_load(x_ptr, dout_ptr, seq_ptr, b, t + 6, c, mask_c, T, s0,
+                                        g_hi, stride_b, stride_t, sd_b, sd_t, HAS_SEQ)
+            xd, dd, cd = _conv_bwd_load(x_ptr, dout_ptr, seq_ptr, b, t + 7, c, mask_c, T, s0,
+                                        g_hi, stride_b, stride_t, sd_b, sd_t, HAS_SEQ)
+        else:
+            ya, ea, fa = _conv_bwd_load(x_ptr, dout_ptr, seq_ptr, b, t, c, mask_c, T, s0, g_hi,
+                                        stride_b, stride_t, sd_b, sd_t, HAS_SEQ)
+            yb, eb, fb = _conv_bwd_load(x_ptr, dout_ptr, seq_ptr, b, t + 1, c, mask_c, T, s0,
+                                        g_hi, stride_b, stride_t, sd_b, sd_t, HAS_SEQ)
+            yc, ec, fc = _conv_bwd_load(x_ptr, dout_ptr, seq_ptr, b, t + 2, c, mask_c, T, s0,
+                                        g_hi, stride_b, stride_t, sd_b, sd_t, HAS_SEQ)
+            yd, ed, fd = _conv_bwd_load(x_ptr, dout_ptr, seq_ptr, b, t + 3, c, mask_c, T, s0,
+                                        g_hi, stride_b, stride_t, sd_b, sd_t, HAS_SEQ)
+        win = (x3, x2, x1, g3, g2, g1, c3, c2, c1)
+        acc = (dw0, dw1, dw2, dw3, db)
+        win, acc = _conv_bwd_step(ya, ea, fa, t, win, acc, taps, bias, s0, own_end, dx_ptr, b, c,
+                                  mask_c, T, C, HAS_SEQ)
+        win, acc = _conv_bwd_step(yb, eb, fb, t + 1, win, acc, taps, bias, s0, own_end, dx_ptr,
+                                  b, c, mask_c, T, C, HAS_SEQ)
+        win, acc = _conv_bwd_step(yc, ec, fc, t + 2, win, acc, taps, bias, s0, own_end, dx_ptr,
+                                  b, c, mask_c, T, C, HAS_SEQ)
+        win, acc = _conv_bwd_step(yd, ed, fd, t + 3, win, acc, taps, bias, s0, own_end, dx_ptr,
+                                  b, c, mask_c, T, C, HAS_SEQ)
+        x3, x2, x1, g3, g2, g1, c3, c2, c1 = win
+        dw0, dw1, dw2, dw3, db = acc
+    # this program's partial [W + 1, C]: the W real taps of the padded four, then dbias
+    base = part_ptr + (b * tl.num_programs(0) + pid_t) * (W + 1) * C + c
+    if PAD < 1:
+        tl.store(base + (0 - PAD) * C, dw0, mask=mask_c)
+    if PAD < 2:
+        tl.store(base + (1 - PAD) * C, dw1, mask=mask_c)
+    if PAD < 3:
+        tl.store(base + (2 - PAD) * C, dw2, mask=mask_c)
+    tl.store(base + (3 - PAD) * C, dw3, mask=mask_c)
+    tl.store(base + W * C, db, mask=mask_c)
+
+
+@triton.jit
 def _conv_bwd_reduce_kernel(part_ptr, dw_ptr, db_ptr, n, C, W: tl.constexpr,
-                            W1_POW2: tl.constexpr, BLOCK_C: tl.constexpr):
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dweight [C, 1, W] and dbias [C] in their own dtypes from the float32 partials
-    [n, W + 1, C], summed over n in a fixed order."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    taps = tl.arange(0, W1_POW2)
-    mask = (taps <= W)[:, None] & (c < C)[None, :]
-    acc = tl.zeros([W1_POW2, BLOCK_C], dtype=tl.float32)
-    for i in range(n):
-        acc += tl.load(part_ptr + (i * (W + 1) + taps[:, None]) * C + c[None, :], mask=mask,
-                       other=0.0)
-    tl.store(dw_ptr + c[None, :] * W + taps[:, None], acc.to(dw_ptr.dtype.element_ty),
-             mask=(taps < W)[:, None] & (c < C)[None, :])
-    db = tl.sum(tl.where((taps == W)[:, None], acc, 0.0), axis=0)
-    tl.store(db_ptr + c, db.to(db_ptr.dtype.element_ty), mask=c < C)
+    [n, W + 1, C], as n rows of (W + 1) * C columns: BLOCK_N rows at a time per BLOCK_K
+    columns, then one sum over the BLOCK_N slots (a fixed order: the same bits on every run)."""
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    i = tl.arange(0, BLOCK_N)
+    K = (W + 1) * C
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for start in range(0, n, BLOCK_N):
+        acc += tl.load(part_ptr + (start + i)[:, None] * K + k[None, :],
+                       mask=((start + i) < n)[:, None] & (k < K)[None, :], other=0.0)
+    total = tl.sum(acc, axis=0)
+    tap, c = k // C, k % C
+    tl.store(dw_ptr + c * W + tap, total.to(dw_ptr.dtype.element_ty), mask=(k < K) & (tap < W))
+    tl.store(db_ptr + c, total.to(db_ptr.dtype.element_ty), mask=(k < K) & (tap == W))
 
 
-_BLOCK_T, _BLOCK_C = 32, 64
-# Backward tiling (tools/bench/bench_fused_ops.py times the alternatives on the GPU). One H200,
-# [8, 8192, 6144] bf16, 2026-11-28: 128 rows x 32 channels, 4 warps, gathered x shifts 2.28 ms
-# backward, against 3.55 ms for 64 x 64 and 2.49 ms with loads instead of gathers at 128 x 32.
-_BWD = dict(block_t=128, block_c=32, tiles_per_program=16, num_warps=4, gather_x=True)
+def _env_choice(name: str, variants: dict, default: str) -> dict:
+    """The config of the variant named by the environment variable ``name`` (default: default)."""
+    choice = os.environ.get(name, default)
+    if choice not in variants:
+        raise ValueError(f"{name}={choice!r}: not one of {sorted(variants)}")
+    return dict(variants[choice])
+
+
+# Forward tilings ([rows, channels] per program; tools/bench/bench_fused_ops.py --shapes training
+# times each). Selected by TRANSMAMBA_CONV_FWD, or by assigning ``_FWD``.
+FWD_VARIANTS = {
+    "32x64": dict(block_t=32, block_c=64, num_warps=4),
+    "64x128": dict(block_t=64, block_c=128, num_warps=8),
+    "16x256": dict(block_t=16, block_c=256, num_warps=4),
+}
+_FWD = _env_choice("TRANSMAMBA_CONV_FWD", FWD_VARIANTS, "32x64")
+
+# Backward variants (docs/kernels.md has their predicted times). "tiles" is the 2D-tile kernel
+# tuned at [8, 8192, 6144] (2.28 ms there); the "rows" kernels walk rows per thread, their rows
+# per program chosen so the grid has about programs_per_sm programs per SM at any batch.
+# Selected by TRANSMAMBA_CONV_BWD, or by assigning ``_BWD``.
+BWD_VARIANTS = {
+    "tiles": dict(kernel="tiles", block_t=128, block_c=32, tiles_per_program=16, num_warps=4,
+                  gather_x=True),
+    "rows": dict(kernel="rows", block_c=256, num_warps=4, programs_per_sm=8, prefetch=False),
+    "rows-prefetch": dict(kernel="rows", block_c=256, num_warps=4, programs_per_sm=8,
+                          prefetch=True),
+    "rows-wide": dict(kernel="rows", block_c=512, num_warps=4, programs_per_sm=8, prefetch=False),
+    "rows-1warp": dict(kernel="rows", block_c=128, num_warps=1, programs_per_sm=16,
+                       prefetch=False),
+}
+_BWD = _env_choice("TRANSMAMBA_CONV_BWD", BWD_VARIANTS, "rows")
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132                  # an H100 / H200, for CPU runs and the compile check
+
+
+def rows_per_program(batch: int, T: int, channel_blocks: int, programs_per_sm: int,
+                     device: torch.device) -> int:
+    """The largest power of two of rows (16 to 1024) that still gives programs_per_sm programs
+    per SM: fewer rows mean more weight-gradient partials and halo rows, more mean fewer
+    programs (and fewer loads in flight) per SM."""
+    target = programs_per_sm * _num_sms(device)
+    rows = max(1, batch * T * channel_blocks // target)
+    return min(1024, max(16, 1 << (rows.bit_length() - 1)))
 
 
 @torch.library.custom_op("transmamba::causal_conv1d_silu", mutates_args=())
 def _conv_op(x: Tensor, weight: Tensor, bias: Tensor, seq_idx: Optional[Tensor]) -> Tensor:
     batch, T, C = x.shape
+    cfg = _FWD
     out = torch.empty(batch, T, C, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(T, _BLOCK_T), triton.cdiv(C, _BLOCK_C), batch)
+    grid = (triton.cdiv(T, cfg["block_t"]), triton.cdiv(C, cfg["block_c"]), batch)
     _conv_fwd_kernel[grid](x, weight, bias, seq_idx if seq_idx is not None else bias, out, T, C,
-                           x.stride(0), x.stride(1), W=weight.shape[-1], BLOCK_T=_BLOCK_T,
-                           BLOCK_C=_BLOCK_C, HAS_SEQ=seq_idx is not None)
+                           x.stride(0), x.stride(1), W=weight.shape[-1], BLOCK_T=cfg["block_t"],
+                           BLOCK_C=cfg["block_c"], HAS_SEQ=seq_idx is not None,
+                           num_warps=cfg["num_warps"])
     return out
 
 
-@torch.library.custom_op("transmamba::causal_conv1d_silu_backward", mutates_args=())
-def _conv_backward_op(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
-                      seq_idx: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """-> dx [B, T, C], dweight [C, 1, W], dbias [C], each in its input's dtype."""
+def _conv_bwd_tiles(dout, x, weight, bias, seq_idx, dx, cfg):
+    """The 2D-tile backward -> float32 partials [B * programs along T, W + 1, C]."""
     batch, T, C = x.shape
     W = weight.shape[-1]
-    cfg = _BWD
     block_t = max(cfg["block_t"], triton.next_power_of_2(2 * W))   # a tile owns >= 2 rows
     step = block_t - 2 * (W - 1)
     num_tiles = triton.cdiv(T, step)
     tiles_per_program = max(1, min(cfg["tiles_per_program"], num_tiles))
     blocks_t = triton.cdiv(num_tiles, tiles_per_program)
-    dx = torch.empty(batch, T, C, dtype=x.dtype, device=x.device)
-    # one fp32 partial per program (deterministic, unlike atomics): blocks_t * B * (W + 1) * C,
-    # about 9 MB at [8, 8192, 6144]
     partials = torch.empty(batch * blocks_t, W + 1, C, dtype=torch.float32, device=x.device)
     grid = (blocks_t, triton.cdiv(C, cfg["block_c"]), batch)
     _conv_bwd_kernel[grid](x, weight, bias, seq_idx if seq_idx is not None else bias, dout, dx,
@@ -198,11 +386,42 @@ def _conv_backward_op(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
                            W_POW2=triton.next_power_of_2(W), BLOCK_T=block_t,
                            BLOCK_C=cfg["block_c"], HAS_SEQ=seq_idx is not None,
                            GATHER_X=cfg["gather_x"], num_warps=cfg["num_warps"])
+    return partials
+
+
+def _conv_bwd_rows(dout, x, weight, bias, seq_idx, dx, cfg):
+    """The row-walking backward (W <= 4) -> float32 partials [B * programs along T, W + 1, C]."""
+    batch, T, C = x.shape
+    W = weight.shape[-1]
+    channel_blocks = triton.cdiv(C, cfg["block_c"])
+    rows = rows_per_program(batch, T, channel_blocks, cfg["programs_per_sm"], x.device)
+    blocks_t = triton.cdiv(T, rows)
+    partials = torch.empty(batch * blocks_t, W + 1, C, dtype=torch.float32, device=x.device)
+    _conv_bwd_rows_kernel[(blocks_t, channel_blocks, batch)](
+        x, weight, bias, seq_idx if seq_idx is not None else bias, dout, dx, partials, T, C,
+        x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), rows, W=W,
+        BLOCK_C=cfg["block_c"], HAS_SEQ=seq_idx is not None, PREFETCH=cfg["prefetch"],
+        num_warps=cfg["num_warps"])
+    return partials
+
+
+@torch.library.custom_op("transmamba::causal_conv1d_silu_backward", mutates_args=())
+def _conv_backward_op(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
+                      seq_idx: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """-> dx [B, T, C], dweight [C, 1, W], dbias [C], each in its input's dtype."""
+    C, W = x.shape[-1], weight.shape[-1]
+    cfg = _BWD
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    # one fp32 partial per program along T (deterministic, unlike atomics)
+    if cfg["kernel"] == "rows" and W <= 4:
+        partials = _conv_bwd_rows(dout, x, weight, bias, seq_idx, dx, cfg)
+    else:                       # wider windows: the 2D tiles (at their own default tiling)
+        tiles = cfg if cfg["kernel"] == "tiles" else BWD_VARIANTS["tiles"]
+        partials = _conv_bwd_tiles(dout, x, weight, bias, seq_idx, dx, tiles)
     dweight = torch.empty(C, 1, W, dtype=weight.dtype, device=x.device)
     dbias = torch.empty(C, dtype=bias.dtype, device=x.device)
-    _conv_bwd_reduce_kernel[(triton.cdiv(C, 128),)](partials, dweight, dbias, batch * blocks_t, C,
-                                                    W=W, W1_POW2=triton.next_power_of_2(W + 1),
-                                                    BLOCK_C=128)
+    _conv_bwd_reduce_kernel[(triton.cdiv((W + 1) * C, 128),)](
+        partials, dweight, dbias, partials.shape[0], C, W=W, BLOCK_N=16, BLOCK_K=128)
     return dx, dweight, dbias
 
 

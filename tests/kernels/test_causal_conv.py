@@ -1,8 +1,9 @@
 """Fused causal depthwise conv + SiLU (Triton, CPU interpreter) against its float64 reference.
 
-The backward runs at its default tiling and at small tiles (several row tiles per program,
-several programs per row and channel blocks that do not divide C), with its x row shifts as
-register gathers or as shifted loads. Also: the in-projection slice gives bitwise the contiguous
+The backward runs at its default variant and with the 2D-tile kernel at small tiles (several
+row tiles per program, several programs per row and channel blocks that do not divide C), with
+its x row shifts as register gathers or as shifted loads; every named variant (forward and
+backward) runs once more on odd lengths, packed documents and W < 4. Also: the in-projection slice gives bitwise the contiguous
 result, launch budgets (forward 1, backward 2), determinism and torch.compile. New buffers in
 the kernel module are filled with NaN, so a skipped write fails.
 """
@@ -20,8 +21,10 @@ from transmamba_kernels.conv.naive import causal_conv1d_silu_naive  # noqa: E402
 
 BWD_TILINGS = {
     "default": dict(conv_module._BWD),
-    "small": dict(block_t=16, block_c=16, tiles_per_program=2, num_warps=4, gather_x=True),
-    "small-loads": dict(block_t=16, block_c=16, tiles_per_program=2, num_warps=4, gather_x=False),
+    "small": dict(kernel="tiles", block_t=16, block_c=16, tiles_per_program=2, num_warps=4,
+                  gather_x=True),
+    "small-loads": dict(kernel="tiles", block_t=16, block_c=16, tiles_per_program=2, num_warps=4,
+                        gather_x=False),
 }
 
 
@@ -190,3 +193,37 @@ def test_compile_fullgraph_matches_eager(real_buffers):
     seq_idx = torch.cat([_documents([5, 16]), _documents([21])])
     assert_compiled_matches_eager(
         lambda p, w, b: causal_conv1d_silu_triton(p[..., 8:24], w, b, seq_idx), [in_proj, weight, bias])
+
+
+@pytest.mark.parametrize("variant", sorted(set(conv_module.BWD_VARIANTS) | set(conv_module.FWD_VARIANTS)))
+def test_every_variant_matches_reference(variant, monkeypatch):
+    """Each forward and backward variant (16-row programs for the row walkers, so a row spans
+    several programs) against float64 at T = 1, 63 and 100 (packed), fp32 and fp16, W = 4 and
+    3; then two backwards give the same bits."""
+    if variant in conv_module.BWD_VARIANTS:
+        monkeypatch.setattr(conv_module, "_BWD", dict(conv_module.BWD_VARIANTS[variant],
+                                                      programs_per_sm=10 ** 6))
+    if variant in conv_module.FWD_VARIANTS:
+        monkeypatch.setattr(conv_module, "_FWD", conv_module.FWD_VARIANTS[variant])
+    g = torch.Generator().manual_seed(8)
+    cases = [(1, 4, None, torch.float32, 1e-6), (63, 3, None, torch.float16, 2e-3),
+             (100, 4, torch.cat([_documents([1, 30, 2, 67]), _documents([63, 37]) + 4]),
+              torch.float32, 1e-6)]
+    for T, W, seq_idx, dtype, ratio in cases:
+        C = 21
+        x = torch.randn(2, T, C + 3, generator=g).to(dtype)[..., 1:1 + C].requires_grad_(True)
+        weight = (torch.randn(C, 1, W, generator=g) * 0.5).requires_grad_(True)
+        bias = (torch.randn(C, generator=g) * 0.1).requires_grad_(True)
+        ref_leaves = [t.detach().double().requires_grad_(True) for t in (x, weight, bias)]
+        out = causal_conv1d_silu_triton(x, weight, bias, seq_idx)
+        ref = causal_conv1d_silu_naive(*ref_leaves, seq_idx=seq_idx)
+        assert_close(f"out T={T}", ref, out.double(), ratio)
+        dout = torch.randn(out.shape, generator=g)
+        grads = torch.autograd.grad(out, (x, weight, bias), dout.to(dtype))
+        ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
+        for name, a, b in zip(("dx", "dweight", "dbias"), grads, ref_grads):
+            assert_close(f"{name} T={T}", b, a.double(), ratio * 2)
+    again = torch.autograd.grad(causal_conv1d_silu_triton(x, weight, bias, seq_idx),
+                                (x, weight, bias), dout.to(dtype))
+    for a, b in zip(grads, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
