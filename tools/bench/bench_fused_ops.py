@@ -2,6 +2,15 @@
 
     python tools/bench/bench_fused_ops.py            # one H200: every table below
     python tools/bench/bench_fused_ops.py --smoke    # tiny shapes, CPU (TRITON_INTERPRET=1)
+    python tools/bench/bench_fused_ops.py --shapes training   # every kernel variant, JSON lines
+    python tools/bench/bench_fused_ops.py --shapes training --smoke   # the same, CPU, tiny
+
+``--shapes training``: the 400M / 1.5B training shapes at micro-batch 1 (bf16): the conv over
+[1, 8192, 4608] read as a column slice of the in-projection output, W = 4; the gated norm over
+[1, 8192, 1536], 16 groups of 96, z a column slice, TransPoint T/2. Each variant of
+``causal_conv.FWD_VARIANTS`` / ``BWD_VARIANTS`` and ``gated_rmsnorm.NORM_VARIANTS`` is timed
+(conv fwd, conv bwd alone through the backward op, norm fwd, norm fwd+bwd) and printed as one
+JSON line: op, variant, ms, GB/s of the op's compulsory bytes and their fraction of 4.24 TB/s.
 
 Prints bf16 errors against the float32 reference (next to PyTorch's own bf16 error) and
 forward / forward+backward times (ms, medians of triton.testing.do_bench; backward through
@@ -19,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import os
 import sys
 import time
 
@@ -28,6 +39,7 @@ import torch.nn.functional as F
 from transmamba_kernels.conv import causal_conv
 from transmamba_kernels.conv.causal_conv import causal_conv1d_silu_triton
 from transmamba_kernels.conv.naive import causal_conv1d_silu_naive
+from transmamba_kernels.norm import gated_rmsnorm as gated_norm
 from transmamba_kernels.norm.gated_rmsnorm import gated_rmsnorm_triton
 from transmamba_kernels.norm.naive import gated_rmsnorm_naive
 
@@ -72,7 +84,7 @@ def run_op(name, reference, implementations, make_args, grads_of):
 def conv_tilings(x, w, b, seq_idx=None, full=True):
     """Forward+backward of the Triton conv for each backward tiling (bf16); ``full=False``: the
     default tiling with both kinds of x shifts only."""
-    default = dict(causal_conv._BWD)
+    default = dict(causal_conv._BWD, **causal_conv.BWD_VARIANTS["tiles"])
     dout = torch.randn_like(x)
     fwd = bench(lambda: causal_conv1d_silu_triton(x, w, b, seq_idx))
     print(f"\nconv backward tilings, {list(x.shape)}, seq_idx={'yes' if seq_idx is not None else 'no'}"
@@ -87,7 +99,7 @@ def conv_tilings(x, w, b, seq_idx=None, full=True):
         grid += [(16, 16, 4, True), (16, 16, 4, False)]
     try:
         for block_t, block_c, warps, gather_x in grid:
-            cfg = dict(default, block_t=block_t, block_c=block_c, num_warps=warps, gather_x=gather_x)
+            cfg = dict(default, kernel="tiles", block_t=block_t, block_c=block_c, num_warps=warps, gather_x=gather_x)
             if block_t * block_c > 128 * 64 and warps == 4:
                 continue                    # 64+ fp32 values per thread per tile: spills
             causal_conv._BWD = cfg
@@ -126,10 +138,80 @@ def gate_then_norm(y, z, weight, groups, eps, transpoint, position_ids):
     return gated_rmsnorm_triton(gated, z, weight, groups, eps, y.shape[1])
 
 
+H200_BYTES_PER_S = 4.24e12
+
+
+def report(op, variant, ms, nbytes, shape):
+    gbs = nbytes / (ms * 1e-3) / 1e9
+    print(json.dumps(dict(op=op, variant=variant, shape=shape, ms=round(ms, 4),
+                          GB_per_s=round(gbs, 1), floor_fraction=round(gbs * 1e9 / H200_BYTES_PER_S, 3),
+                          MB=round(nbytes / 1e6, 1))), flush=True)
+
+
+def training_shapes(smoke: bool) -> int:
+    """Every variant of the conv and gated-norm kernels at the training shapes (micro-batch 1)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    # 400M / 1.5B: H*P = 1536, G = 16, N = 96 -> conv channels 1536 + 2*16*96 = 4608
+    T, width, groups, N = (8192, 1536, 16, 96) if not smoke else (40, 48, 2, 6)
+    conv_c, W = width + 2 * groups * N, 4
+    in_width = width + conv_c + 16                              # z | xBC | dt
+    dt = torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    proj = torch.randn(1, T, in_width, device=dev, dtype=dt, generator=g)
+    z, x = proj[..., :width], proj[..., width:width + conv_c]   # strided column slices
+    w = (torch.randn(conv_c, 1, W, device=dev, generator=g) * 0.5).to(dt)
+    b = (torch.randn(conv_c, device=dev, generator=g) * 0.1).to(dt)
+    dout = torch.randn(1, T, conv_c, device=dev, dtype=dt, generator=g)
+    shape = [1, T, conv_c]
+    act = T * conv_c * 2                                        # one bf16 [1, T, C] tensor
+    default_fwd, default_bwd = dict(causal_conv._FWD), dict(causal_conv._BWD)
+    try:
+        for name, cfg in causal_conv.FWD_VARIANTS.items():
+            causal_conv._FWD = dict(cfg)
+            ms = bench(lambda: torch.ops.transmamba.causal_conv1d_silu(x, w, b, None))
+            report("conv_fwd", name, ms, 2 * act, shape)
+        for name, cfg in causal_conv.BWD_VARIANTS.items():
+            causal_conv._BWD = dict(cfg)
+            ms = bench(lambda: torch.ops.transmamba.causal_conv1d_silu_backward(dout, x, w, b, None))
+            report("conv_bwd", name, ms, 3 * act, shape)
+    finally:
+        causal_conv._FWD, causal_conv._BWD = default_fwd, default_bwd
+    y = torch.randn(1, T, width, device=dev, dtype=dt, generator=g)
+    wn = torch.rand(width, device=dev, generator=g).to(dt) + 0.5
+    dnorm = torch.randn(1, T, width, device=dev, dtype=dt, generator=g)
+    p = T // 2
+    norm_act = T * width * 2
+    shape = [1, T, width]
+    # compulsory bytes: fwd reads y, z (gated rows) and writes out; bwd reads y, z, dout and
+    # writes dy, dz (rstd and the partials are small)
+    fwd_bytes = 2 * norm_act + (T - p) * width * 2
+    bwd_bytes = 4 * norm_act + (T - p) * width * 2
+    default_norm = dict(gated_norm._NORM)
+    try:
+        for name, cfg in gated_norm.NORM_VARIANTS.items():
+            gated_norm._NORM = dict(cfg)
+            fwd = lambda: torch.ops.transmamba.gated_rmsnorm(y, z, wn, groups, 1e-5, p, None, None)
+            report("gated_norm_fwd", name, bench(fwd), fwd_bytes, shape)
+            _, rstd = fwd()
+            bwd = lambda: torch.ops.transmamba.gated_rmsnorm_backward(dnorm, y, z, wn, rstd, groups,
+                                                                       p, None, None)
+            report("gated_norm_bwd", name, bench(bwd), bwd_bytes, shape)
+            both = lambda: gated_norm._gated_rmsnorm_backward_op(
+                dnorm, y, z, wn, fwd()[1], groups, p, None, None)
+            report("gated_norm_fwd_bwd", name, bench(both), fwd_bytes + bwd_bytes, shape)
+    finally:
+        gated_norm._NORM = default_norm
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, for a CPU check")
+    parser.add_argument("--shapes", choices=["default", "training"], default="default",
+                        help="training: every kernel variant at the micro-batch-1 training shapes")
     args = parser.parse_args(argv)
+    if args.shapes == "training":
+        return training_shapes(args.smoke)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cuda":
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
