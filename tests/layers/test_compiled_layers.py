@@ -1,6 +1,8 @@
 """Every layer kind traces whole under ``torch.compile(fullgraph=True)`` with the triton backend
 (the Triton kernels are custom ops with fake implementations), and the compiled layer computes
-what the eager one does, forward and backward. TransMamba layers at p = 0, T/4 and T."""
+what the eager one does, forward and backward. TransMamba layers at p = 0, T/4 and T; each called
+as the model calls it in training (the residual stream, layers/norm.py: ``residual=`` a tensor,
+or None for a stage's first layer) or plainly (CUDA graphs, inference)."""
 
 import pytest
 import torch
@@ -37,30 +39,41 @@ def compiled(layer, **options):
     return torch.compile(layer, fullgraph=True, dynamic=False, **options)
 
 
-def run(layer, hidden, rope, grad):
+def run(layer, hidden, rope, grad, residual=None, form="plain"):
+    """Output(s) and gradients of hidden, the residual (stream form) and the parameters."""
     leaf = hidden.clone().requires_grad_(True)
-    out = layer(leaf, attention_mask=None, rotary_pos_emb=rope)[0]
+    inputs = [leaf]
+    kwargs = {}
+    if form != "plain":
+        kwargs["residual"] = None
+        if form == "stream":
+            kwargs["residual"] = residual.clone().requires_grad_(True)
+            inputs.append(kwargs["residual"])
+    out = layer(leaf, attention_mask=None, rotary_pos_emb=rope, **kwargs)
+    outs = out[:1] if form == "plain" else out
     params = [p for p in layer.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(out, [leaf, *params], grad, allow_unused=True)
-    return out.detach(), grads
+    grads = torch.autograd.grad(outs, [*inputs, *params], [grad] * len(outs), allow_unused=True)
+    return [o.detach() for o in outs], grads, len(inputs)
 
 
-@pytest.mark.parametrize("symbol, transpoint", [("T", 0), ("T", T // 4), ("T", T), ("M", 0),
-                                                ("*", None), ("-", None)])
-def test_compiled_layer_equals_eager(symbol, transpoint):
-    pattern = {"T": "T", "M": "M", "*": "*", "-": "-"}[symbol]
-    lm = model(pattern, [transpoint if transpoint is not None else 0])
+@pytest.mark.parametrize("symbol, transpoint, form", [
+    ("T", 0, "stream"), ("T", T // 4, "stream"), ("T", T, "plain"), ("M", 0, "first"),
+    ("*", None, "stream"), ("-", None, "stream"), ("-", None, "plain")])
+def test_compiled_layer_equals_eager(symbol, transpoint, form):
+    lm = model(symbol, [transpoint if transpoint is not None else 0])
+    assert lm.residual_stream
     layer = lm.layers[0]
     if symbol == "T":
         assert layer.transpoint == transpoint
     dim = lm.config.mamba_state_dim if symbol in "TM" else lm.config.kv_channels
     rope = rope_table(T, dim, 10000.0)
-    hidden = torch.randn(T, 2, 32)
-    grad = torch.randn(T, 2, 32)
-    eager = run(layer, hidden, rope, grad)
-    fast = run(compiled(layer, backend="aot_eager"), hidden, rope, grad)
-    assert_close("out", eager[0], fast[0], 1e-6)
-    names = ["hidden"] + [n for n, p in layer.named_parameters() if p.requires_grad]
+    hidden, residual, grad = torch.randn(T, 2, 32), torch.randn(T, 2, 32), torch.randn(T, 2, 32)
+    eager = run(layer, hidden, rope, grad, residual, form)
+    fast = run(compiled(layer, backend="aot_eager"), hidden, rope, grad, residual, form)
+    for name, a, b in zip(["out", "residual"], eager[0], fast[0]):
+        assert_close(name, a, b, 1e-6)
+    names = ["hidden", "residual"][:eager[2]] + [n for n, p in layer.named_parameters()
+                                                 if p.requires_grad]
     for name, a, b in zip(names, eager[1], fast[1]):
         assert (a is None) == (b is None), name
         if a is not None:
@@ -73,8 +86,9 @@ def test_mixer_inductor_compiles_and_matches_eager():
     layer = lm.layers[0]
     rope = rope_table(T, 16, 10000.0)
     hidden, grad = torch.randn(T, 1, 32), torch.randn(T, 1, 32)
-    eager = run(layer, hidden, rope, grad)
-    fast = run(compiled(layer), hidden, rope, grad)
-    assert_close("out", eager[0], fast[0], 1e-5)
+    eager = run(layer, hidden, rope, grad, hidden.flip(0), "stream")
+    fast = run(compiled(layer), hidden, rope, grad, hidden.flip(0), "stream")
+    for a, b in zip(eager[0], fast[0]):
+        assert_close("out", a, b, 1e-5)
     for a, b in zip(eager[1], fast[1]):
         assert_close("grad", a, b, 1e-5)

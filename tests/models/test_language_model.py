@@ -7,6 +7,7 @@ import torch
 
 from megatron_transmamba.config import TransMambaConfig
 from megatron_transmamba.layers.attention import SDPAttention
+from megatron_transmamba.layers.rotary import rope_table
 from megatron_transmamba.models.language_model import TransMambaLanguageModel, count_parameters
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
@@ -100,9 +101,12 @@ def test_parameter_count_of_the_400m_layout_matches_the_formula():
     assert count_parameters(model) == 3 * (mixer + mlp) + 2 * V * d + d
 
 
-def test_full_recompute_gives_the_same_loss_and_gradients_and_reruns_each_layer():
-    kw = dict(transpoint_schedule="list", transpoint_values=[0, 13])
-    plain, recomputed = build("T-*-T-", **kw), build("T-*-T-", **kw)
+@pytest.mark.parametrize("backend, pattern", [("torch", "T-*-T-"), ("triton", "*-")])
+def test_full_recompute_gives_the_same_loss_and_gradients_and_reruns_each_layer(backend, pattern):
+    """With the triton backend the checkpointed layers take and return the residual stream."""
+    kw = dict(transpoint_schedule="list", transpoint_values=[0, 13]) if "T" in pattern else {}
+    plain, recomputed = (build(pattern, mixer_backend=backend, **kw) for _ in range(2))
+    assert recomputed.residual_stream == (backend == "triton")
     recomputed.load_state_dict(plain.state_dict())
     recomputed.recompute = True
     calls = []
@@ -169,11 +173,13 @@ def _counting(fn, calls: list):
     return counted
 
 
-def test_pipeline_stages_keep_global_layer_numbers_and_chain_to_the_whole_model():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_pipeline_stages_keep_global_layer_numbers_and_chain_to_the_whole_model(backend):
     """Two stages built from the same init_seed are the whole model cut in two: same weights,
-    global layer numbers, and stage 1 fed stage 0's output gives the whole model's loss."""
+    global layer numbers, and stage 1 fed stage 0's output gives the whole model's loss (with
+    the triton backend stage 0 ends its residual stream with the add, stage 1 starts a new one)."""
     cfg = TransMambaConfig(**{**SMALL, "layer_pattern": "T-*-T-", "transpoint_schedule": "list",
-                              "transpoint_values": [0, 13]})
+                              "transpoint_values": [0, 13], "mixer_backend": backend})
     whole = TransMambaLanguageModel(cfg, 64, init_seed=5)
     first = TransMambaLanguageModel(cfg, 64, layer_range=range(0, 2), post_process=False,
                                     init_seed=5)
@@ -218,3 +224,22 @@ def test_triton_backend_model_equals_torch_backend(pattern):
         for name, grad in results[0][1].items():
             torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-5,
                                        msg=lambda m: f"{name} (cu_seqlens={cu_seqlens}): {m}")
+
+
+def test_residual_stream_layers_compute_the_plain_layers():
+    """Triton backend: a layer given (hidden, residual) returns (f(norm(x)), x) for x = hidden +
+    residual, and the plain call of the same layer returns x + f(norm(x)) (every layer kind);
+    the model only carries the stream when every residual add is a plain add."""
+    model = build("T-*-M-", mixer_backend="triton", transpoint_schedule="list",
+                  transpoint_values=[9])
+    assert model.residual_stream
+    assert not build("T-", mixer_backend="triton", hidden_dropout=0.1).residual_stream
+    assert not build("T-", transpoint_schedule="mamba").residual_stream     # torch backend
+    hidden, residual = torch.randn(40, 2, 32), torch.randn(40, 2, 32)
+    for layer, symbol in zip(model.layers, "T-*-M-"):
+        rope = model.mixer_rope_dim if symbol in "TM" else model.attention_rope_dim
+        rope = None if symbol == "-" else rope_table(40, rope, 10000.0)
+        out, summed = layer(hidden, attention_mask=None, rotary_pos_emb=rope, residual=residual)
+        plain, _ = layer(hidden + residual, attention_mask=None, rotary_pos_emb=rope)
+        torch.testing.assert_close(summed, hidden + residual, rtol=0, atol=0)
+        torch.testing.assert_close(out + summed, plain, rtol=1e-6, atol=1e-6, msg=symbol)
