@@ -337,7 +337,7 @@ BWD_VARIANTS = {
     "rows-1warp": dict(kernel="rows", block_c=128, num_warps=1, programs_per_sm=16,
                        prefetch=False),
 }
-_BWD = _env_choice("TRANSMAMBA_CONV_BWD", BWD_VARIANTS, "rows")
+_BWD = _env_choice("TRANSMAMBA_CONV_BWD", BWD_VARIANTS, "rows-prefetch")
 
 
 def _num_sms(device: torch.device) -> int:

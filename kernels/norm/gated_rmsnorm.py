@@ -238,20 +238,21 @@ _ROWS_FWD = 16
 
 # Kernel variants (tools/bench/bench_fused_ops.py --shapes training times each; docs/kernels.md
 # has their predicted times). "rows": one program per group and 16 rows, one row at a time.
-# The tile kernels take [rows, groups] blocks of about ``tile`` elements at once, fwd_block_g /
-# bwd_block_g groups wide; the backward walks rows_per_program rows so the grid has about
+# The tile kernels take [rows, groups] blocks of about ``tile`` (forward) / ``bwd_tile`` elements
+# at once (16 per thread in the backward: 32 spill at sm_90), fwd_block_g / bwd_block_g groups
+# wide; the backward walks rows_per_program rows so the grid has about
 # programs_per_sm programs per SM with at most max_partials weight-gradient partials.
 # Selected by TRANSMAMBA_GATED_NORM, or by assigning ``_NORM``.
 NORM_VARIANTS = {
     "rows": dict(kernel="rows"),
-    "tile": dict(kernel="tile", fwd_block_g=16, bwd_block_g=2, tile=4096, num_warps=4,
-                 programs_per_sm=8, max_partials=128),
-    "tile-g1": dict(kernel="tile", fwd_block_g=16, bwd_block_g=1, tile=4096, num_warps=4,
-                    programs_per_sm=8, max_partials=64),
-    "tile-g4": dict(kernel="tile", fwd_block_g=4, bwd_block_g=4, tile=4096, num_warps=4,
-                    programs_per_sm=8, max_partials=256),
-    "tile-8w": dict(kernel="tile", fwd_block_g=16, bwd_block_g=2, tile=8192, num_warps=8,
-                    programs_per_sm=4, max_partials=128),
+    "tile": dict(kernel="tile", fwd_block_g=16, bwd_block_g=2, tile=4096, bwd_tile=2048,
+                 num_warps=4, programs_per_sm=8, max_partials=128),
+    "tile-g1": dict(kernel="tile", fwd_block_g=16, bwd_block_g=1, tile=4096, bwd_tile=2048,
+                    num_warps=4, programs_per_sm=8, max_partials=64),
+    "tile-g4": dict(kernel="tile", fwd_block_g=4, bwd_block_g=4, tile=4096, bwd_tile=2048,
+                    num_warps=4, programs_per_sm=8, max_partials=256),
+    "tile-8w": dict(kernel="tile", fwd_block_g=16, bwd_block_g=2, tile=8192, bwd_tile=4096,
+                    num_warps=8, programs_per_sm=4, max_partials=128),
 }
 
 
@@ -338,7 +339,7 @@ def _gated_rmsnorm_backward_op(dout: Tensor, y: Tensor, z: Tensor, weight: Tenso
             *args, partials, rows, T, groups, gs, transpoint, prefix_len, per_program, *strides,
             **flags)
         return dy, dz, sum_partials(partials, dweight), dprefix
-    block_r, block_g = _tile_shape(groups, gs, cfg["bwd_block_g"], cfg["tile"])
+    block_r, block_g = _tile_shape(groups, gs, cfg["bwd_block_g"], cfg["bwd_tile"])
     group_blocks = triton.cdiv(groups, block_g)
     # about programs_per_sm programs per SM, at most max_partials weight-gradient partials
     row_programs = min(cfg["max_partials"], max(1, cfg["programs_per_sm"] * _num_sms(y.device)
