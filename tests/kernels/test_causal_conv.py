@@ -197,33 +197,36 @@ def test_compile_fullgraph_matches_eager(real_buffers):
 
 @pytest.mark.parametrize("variant", sorted(set(conv_module.BWD_VARIANTS) | set(conv_module.FWD_VARIANTS)))
 def test_every_variant_matches_reference(variant, monkeypatch):
-    """Each forward and backward variant (16-row programs for the row walkers, so a row spans
-    several programs) against float64 at T = 1, 63 and 100 (packed), fp32 and fp16, W = 4 and
-    3; then two backwards give the same bits."""
-    if variant in conv_module.BWD_VARIANTS:
+    """Each backward variant (16-row programs for the row walkers, so a row spans several
+    programs) and each forward variant against float64 at T = 1 (fp32, W = 4) and T = 63 (fp16,
+    packed documents, W = 3); then two backwards give the same bits."""
+    backward = variant in conv_module.BWD_VARIANTS
+    if backward:
         monkeypatch.setattr(conv_module, "_BWD", dict(conv_module.BWD_VARIANTS[variant],
                                                       programs_per_sm=10 ** 6))
-    if variant in conv_module.FWD_VARIANTS:
+    else:
         monkeypatch.setattr(conv_module, "_FWD", conv_module.FWD_VARIANTS[variant])
     g = torch.Generator().manual_seed(8)
-    cases = [(1, 4, None, torch.float32, 1e-6), (63, 3, None, torch.float16, 2e-3),
-             (100, 4, torch.cat([_documents([1, 30, 2, 67]), _documents([63, 37]) + 4]),
-              torch.float32, 1e-6)]
+    cases = [(1, 4, None, torch.float32, 1e-6),
+             (63, 3, _documents([1, 30, 32]), torch.float16, 2e-3)]
     for T, W, seq_idx, dtype, ratio in cases:
-        C = 21
-        x = torch.randn(2, T, C + 3, generator=g).to(dtype)[..., 1:1 + C].requires_grad_(True)
+        C = 13
+        x = torch.randn(1, T, C + 3, generator=g).to(dtype)[..., 1:1 + C].requires_grad_(True)
         weight = (torch.randn(C, 1, W, generator=g) * 0.5).requires_grad_(True)
         bias = (torch.randn(C, generator=g) * 0.1).requires_grad_(True)
         ref_leaves = [t.detach().double().requires_grad_(True) for t in (x, weight, bias)]
-        out = causal_conv1d_silu_triton(x, weight, bias, seq_idx)
         ref = causal_conv1d_silu_naive(*ref_leaves, seq_idx=seq_idx)
-        assert_close(f"out T={T}", ref, out.double(), ratio)
-        dout = torch.randn(out.shape, generator=g)
-        grads = torch.autograd.grad(out, (x, weight, bias), dout.to(dtype))
+        if not backward:
+            assert_close(f"out T={T}", ref, causal_conv1d_silu_triton(x, weight, bias, seq_idx).double(), ratio)
+            continue
+        dout = torch.randn(ref.shape, generator=g)
+        grads = torch.ops.transmamba.causal_conv1d_silu_backward(
+            dout.to(dtype), x.detach(), weight.detach(), bias.detach(), seq_idx)
         ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
         for name, a, b in zip(("dx", "dweight", "dbias"), grads, ref_grads):
             assert_close(f"{name} T={T}", b, a.double(), ratio * 2)
-    again = torch.autograd.grad(causal_conv1d_silu_triton(x, weight, bias, seq_idx),
-                                (x, weight, bias), dout.to(dtype))
-    for a, b in zip(grads, again):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if backward:
+        again = torch.ops.transmamba.causal_conv1d_silu_backward(
+            dout.to(dtype), x.detach(), weight.detach(), bias.detach(), seq_idx)
+        for a, b in zip(grads, again):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -241,3 +241,45 @@ def test_compile_fullgraph_matches_eager(real_buffers):
         return gated_rmsnorm_triton(ssd, z, w, groups, 1e-5, p, y_prefix=attn.transpose(1, 2))
 
     assert_compiled_matches_eager(mixer_tail, [in_proj, ssd, attn, w])
+
+
+@pytest.mark.parametrize("variant", sorted(norm_module.NORM_VARIANTS))
+def test_every_variant_matches_reference(variant, monkeypatch):
+    """Each kernel variant (tiles of 64 elements and at most 3 partials, so a backward program
+    walks several tiles) against float64: T = 1 (fp32), T = 63 (fp16, packed documents, 3
+    groups; not for "rows") and the attention prefix; then two backwards give the same bits."""
+    cfg = dict(norm_module.NORM_VARIANTS[variant])
+    if cfg["kernel"] == "tile":
+        cfg.update(tile=64, bwd_tile=64, max_partials=3)
+    monkeypatch.setattr(norm_module, "_NORM", cfg)
+    g = torch.Generator().manual_seed(12)
+    cases = [(1, 2, 0, None, False, torch.float32, 1e-6),
+             (63, 3, 5, _positions([[1, 30, 32], [63]]), False, torch.float16, 2e-3),
+             (19, 3, 7, None, True, torch.float32, 1e-6)]
+    if cfg["kernel"] == "rows":         # the old one-row-at-a-time kernel: slow in the interpreter
+        cases = cases[::2]
+    for T, groups, transpoint, positions, prefix, dtype, ratio in cases:
+        width = 4 * groups
+        _, _, z, y = _mixer_views(2, T, width, dtype, g)
+        w = (torch.rand(width, generator=g) + 0.5).requires_grad_(True)
+        leaves = [y, z, w]
+        attn, y_prefix = _attention_prefix(2, transpoint, groups, 4, dtype, g) if prefix else (None, None)
+        if prefix:
+            leaves.append(attn)
+        ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+        ref_prefix = ref_leaves[3].transpose(1, 2) if prefix else None
+        out = gated_rmsnorm_triton(y, z, w, groups, 1e-5, transpoint, positions, y_prefix)
+        ref = gated_rmsnorm_naive(*ref_leaves[:3], groups, 1e-5, transpoint, positions, ref_prefix)
+        assert_close(f"out T={T}", ref, out.double(), ratio)
+        dout = torch.randn(out.shape, generator=g)
+        grads = torch.autograd.grad(out, leaves, dout.to(dtype))
+        ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
+        for name, a, b in zip(("dy", "dz", "dw", "dprefix"), grads, ref_grads):
+            if prefix and name == "dy":
+                b = b.clone()
+                b[:, :transpoint] = 0
+            assert_close(f"{name} T={T}", b, a.double(), ratio * 2)
+    again = torch.autograd.grad(gated_rmsnorm_triton(y, z, w, groups, 1e-5, transpoint, positions,
+                                                     y_prefix), leaves, dout.to(dtype))
+    for a, b in zip(grads, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
