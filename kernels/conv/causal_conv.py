@@ -2,10 +2,12 @@
 
 Same function as ``naive.causal_conv1d_silu_naive`` without the channels-first copies: one
 forward program reads a [BLOCK_T + W - 1, BLOCK_C] window of the input and writes its outputs.
-The backward program loads a tile of x and of the output gradient once, recomputes the
-pre-activation once per row, forms g = dout * SiLU'(pre), and gets the input gradient as the
-transposed convolution of g (dx[s] = sum_k w[W-1-k] g[s+k]) from row-shifted copies of the tile
-in registers; the weight and bias gradients are summed in registers over the program's tiles and
+The default backward (``_conv_bwd_rows_kernel``, W <= 4) walks a run of rows per program with
+each thread owning its channels: it recomputes the pre-activation from a 3-row window of x in
+registers, forms g = dout * SiLU'(pre), and gets the input gradient as the transposed
+convolution of g (dx[s] = sum_k w[W-1-k] g[s+k]) from the 3-row window of g; the 2D-tile
+backward (``_conv_bwd_kernel``, any W) does the same with row-shifted copies of a tile. The
+weight and bias gradients are summed in registers over the program's rows and
 written as one float32 partial per program, which ``_conv_bwd_reduce_kernel`` adds in a fixed
 order (no atomics: the same bits on every run): forward 1 kernel, backward 2. With packed
 documents (``seq_idx`` [B, T]) a tap whose token lies in another document than the output token
