@@ -1,15 +1,15 @@
 """Fused grouped RMSNorm gated by SiLU(z) after the TransPoint, forward and backward (Triton).
 
-Same function as ``naive.gated_rmsnorm_naive``: one program normalises a [rows, groups] tile
-(the older kernel: a run of tokens of one group), reading y and z once and writing the output
-once (the PyTorch version makes about eight float32 passes). y and z are read in place through their strides (z is a column slice of the
-in-projection output), and the attention rows t < p may come from their own tensor
-(``y_prefix``, the transposed grouped-attention output), so the mixer needs no copy to splice
-them into the SSD output. A token is gated when its position (t, or with packed documents
-``position_ids[b, t]``, the ``HAS_POS`` specialisation) is at or after the TransPoint. The
-backward recomputes the gated input, writes dy, dz (and the prefix gradient) and one float32
-weight-gradient partial per program, which ``rmsnorm.sum_partials`` adds in a fixed order:
-forward 1 kernel, backward 2. The op is a ``torch.library.custom_op`` for ``torch.compile``.
+Same function as ``naive.gated_rmsnorm_naive``: one program normalises a [rows, groups] tile (the
+older kernel: a run of tokens of one group), reading y and z once and writing the output once (the
+PyTorch version makes about eight float32 passes). y and z are read in place through their strides
+(z is a column slice of the in-projection output), and the attention rows t < p may come from their
+own tensor (``y_prefix``, the transposed grouped-attention output), so the mixer needs no copy to
+splice them into the SSD output. A token is gated when its position (t, or with packed documents
+``position_ids[b, t]``, the ``HAS_POS`` specialisation) is at or after the TransPoint. The backward
+recomputes the gated input, writes dy, dz (and the prefix gradient) and one float32 weight-gradient
+partial per program, which ``rmsnorm.sum_partials`` adds in a fixed order: forward 1 kernel,
+backward 2. The op is a ``torch.library.custom_op`` for ``torch.compile``.
 """
 
 from __future__ import annotations
