@@ -8,7 +8,8 @@ own tensor (``y_prefix``, the transposed grouped-attention output), so the mixer
 splice them into the SSD output. A token is gated when its position (t, or with packed documents
 ``position_ids[b, t]``, the ``HAS_POS`` specialisation) is at or after the TransPoint. The backward
 recomputes the gated input, writes dy, dz (and the prefix gradient) and one float32 weight-gradient
-partial per program, which ``rmsnorm.sum_partials`` adds in a fixed order: forward 1 kernel,
+partial per program, which ``_sum_rows_kernel`` (the older kernel: ``rmsnorm.sum_partials``) adds
+in a fixed order: forward 1 kernel,
 backward 2. The op is a ``torch.library.custom_op`` for ``torch.compile``.
 """
 
