@@ -27,10 +27,11 @@ import torch
 import triton
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .chunk_kernels import (_INTERPRET, _chunk_bwd_kernel, _chunk_scan_fwd_kernel,
-                            _chunk_state_bwd_kernel, _chunk_state_fwd_kernel, _group_sum_kernel,
-                            _ssd_finalize_kernel, _state_passing_bwd_kernel,
-                            _state_passing_fwd_kernel)
+from .chunk_kernels import (_INTERPRET, _chunk_bwd_dbc_kernel, _chunk_bwd_dx_kernel,
+                            _chunk_bwd_kernel, _chunk_scan_fwd_kernel, _chunk_state_bwd_kernel,
+                            _chunk_state_fwd_kernel, _group_sum_kernel, _ssd_finalize_kernel,
+                            _state_passing_bwd_kernel, _state_passing_bwd_tiled_kernel,
+                            _state_passing_fwd_kernel, _state_passing_fwd_tiled_kernel)
 from .naive import _check_initial_states, _check_inputs, _documents
 
 __all__ = ["chunk_ssd_triton", "transmamba_ssd_triton", "ssd_forward", "ssd_backward"]
@@ -38,13 +39,21 @@ __all__ = ["chunk_ssd_triton", "transmamba_ssd_triton", "ssd_forward", "ssd_back
 _NO_LIMIT = (0.0, math.inf)
 Tensor = torch.Tensor
 
+# The designs the launchers run, read at each call, so a benchmark can time both in one process
+# (tools/bench/bench_ssd.py --kernels):
+#   passing:   "tiled" (several chunks per dependent step, an associative scan; not with packed
+#              documents, which always run "serial") or "serial" (one chunk per step);
+#   chunk_bwd: "split" (dB/dC programs per N block, then dx/ddt programs: one launch more) or
+#              "fused" (one program per chunk and head computes dx, dB, dC and ddt).
+DESIGN = {"passing": "tiled", "chunk_bwd": "split"}
+
 
 def _interpreter_blocks(kernel: str, P: int, N: int) -> dict:
     """The block sizes the interpreter runs (on GPUs the autotuner picks them): the head and
     state dimensions rounded up to a power of two, at most 64 (the chunk-state kernels) or 64
     for P and whole N (the chunk kernels). Tests monkeypatch this to cover other tilings."""
     bp = min(64, max(16, triton.next_power_of_2(P)))
-    if kernel == "states":
+    if kernel in ("states", "dbc"):
         return {"BLOCK_P": bp, "BLOCK_N": min(64, max(16, triton.next_power_of_2(N)))}
     return {"BLOCK_P": bp}
 
@@ -52,6 +61,22 @@ def _interpreter_blocks(kernel: str, P: int, N: int) -> dict:
 def _launch_blocks(kernel: str, P: int, N: int) -> dict:
     """Block-size arguments a launcher passes: none on GPUs (tuned), explicit in the interpreter."""
     return _interpreter_blocks(kernel, P, N) if _INTERPRET else {}
+
+
+def _chosen(kernel, name: str, explicit: dict, smallest: int) -> int:
+    """The block size ``name`` the last launch of ``kernel`` ran with: the launcher's explicit
+    one, else the autotuner's choice (``smallest`` when no choice was made, as under
+    tools/check_gpu_compile.py, which intercepts the autotuner)."""
+    if name in explicit:
+        return explicit[name]
+    config = getattr(kernel, "best_config", None)
+    return config.kwargs[name] if config is not None else smallest
+
+
+def _passing_chunks(num_chunks: int) -> int:
+    """Chunks per dependent step of the tiled state passing: 16 (8 steps at 128 chunks, a
+    [16, 256] tile of states per step). Tests monkeypatch it to force several steps."""
+    return min(16, max(2, triton.next_power_of_2(num_chunks)))
 
 
 def _passing_block(PN: int) -> int:
@@ -79,9 +104,10 @@ def _row_strides(*tensors: Tensor) -> list[int]:
     return [stride for t in tensors for stride in (t.stride(0), t.stride(1))]
 
 
-def _bh_bucket(batch: int, heads: int) -> int:
-    """The autotuning key's measure of grid size: batch * heads rounded up to a power of two."""
-    return triton.next_power_of_2(batch * heads)
+def _grid_bucket(batch: int, heads: int, num_chunks: int) -> int:
+    """The autotuning key's measure of grid size (``ROWS``): batch * heads * chunks rounded up
+    to a power of two."""
+    return triton.next_power_of_2(batch * heads * num_chunks)
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -116,12 +142,12 @@ def _ssd_fwd(x, dt, dt_bias, A, B, C, D, initial_states, chunk_size, transpoint,
     flags = _dt_flags(dt_bias, a_is_log, dt_softplus, lo, hi)
     bias = dt_bias if dt_bias is not None else dt
     init = initial_states.contiguous() if initial_states is not None else None
-    BH = _bh_bucket(batch, H)
+    rows_bucket = _grid_bucket(batch, H, NC)
     states = torch.empty(batch, NC, H, P, N, dtype=_state_dtype(x.dtype), device=x.device)
     decay = torch.empty(batch, NC, H, dtype=torch.float32, device=x.device)
-    state_grid = lambda meta: (NC, batch * H, triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(N, meta["BLOCK_N"]))
+    state_grid = lambda meta: (NC * triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(N, meta["BLOCK_N"]), batch * H)
     _chunk_state_fwd_kernel[state_grid](
-        x, B, dt, bias, A, states, decay, T, BH, H, G, P, N, NC, *_row_strides(x, B, dt), lo, hi,
+        x, B, dt, bias, A, states, decay, T, rows_bucket, H, G, P, N, NC, *_row_strides(x, B, dt), lo, hi,
         L=L, IEEE=ieee, **flags, **_launch_blocks("states", P, N))
     if not packed:
         final = torch.empty(batch, H, P, N, dtype=torch.float32, device=x.device)
@@ -129,16 +155,21 @@ def _ssd_fwd(x, dt, dt_bias, A, B, C, D, initial_states, chunk_size, transpoint,
         final = init.float().clone() if init is not None else torch.zeros(
             num_docs, H, P, N, dtype=torch.float32, device=x.device)
     block = _passing_block(P * N)
-    docs_arg = chunk_doc if packed else decay
-    _state_passing_fwd_kernel[(batch * H, triton.cdiv(P * N, block))](
-        states, decay, init if init is not None else final, final, docs_arg,
-        chunk_flags if packed else decay, H, P * N, NC, BLOCK=block, HAS_INIT=init is not None,
-        PACKED=packed)
+    passing_grid = (batch * H, triton.cdiv(P * N, block))
+    if packed or DESIGN["passing"] == "serial":
+        _state_passing_fwd_kernel[passing_grid](
+            states, decay, init if init is not None else final, final,
+            chunk_doc if packed else decay, chunk_flags if packed else decay, H, P * N, NC,
+            BLOCK=block, HAS_INIT=init is not None, PACKED=packed)
+    else:
+        _state_passing_fwd_tiled_kernel[passing_grid](
+            states, decay, init if init is not None else final, final, H, P * N, NC,
+            BLOCK=block, CHUNKS=_passing_chunks(NC), HAS_INIT=init is not None)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    grid = lambda meta: (NC, batch * H, triton.cdiv(P, meta["BLOCK_P"]))
+    grid = lambda meta: (NC * triton.cdiv(P, meta["BLOCK_P"]), batch * H)
     _chunk_scan_fwd_kernel[grid](
         x, B, C, dt, bias, A, D if D is not None else A, states, y, pos if packed else decay,
-        T, BH, H, G, P, N, NC, transpoint, *_row_strides(x, B, C, dt), lo, hi, L=L,
+        T, rows_bucket, H, G, P, N, NC, transpoint, *_row_strides(x, B, C, dt), lo, hi, L=L,
         BLOCK_N=max(16, triton.next_power_of_2(N)), HAS_D=D is not None,
         D_PER_P=D is not None and D.dim() == 2, PACKED=packed, IEEE=ieee, **flags,
         **_launch_blocks("chunk", P, N))
@@ -176,11 +207,11 @@ def _ssd_bwd(dy, dfinal, x, dt, dt_bias, A, B, C, D, initial_states, states, fin
     ieee = x.dtype == torch.float32
     flags = _dt_flags(dt_bias, a_is_log, dt_softplus, lo, hi)
     bias = dt_bias if dt_bias is not None else dt
-    BH = _bh_bucket(batch, H)
+    rows_bucket = _grid_bucket(batch, H, NC)
     dstates = torch.empty_like(states)
-    state_grid = lambda meta: (NC, batch * H, triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(N, meta["BLOCK_N"]))
+    state_grid = lambda meta: (NC * triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(N, meta["BLOCK_N"]), batch * H)
     _chunk_state_bwd_kernel[state_grid](
-        dy, C, dt, bias, A, dstates, pos if packed else decay, T, BH, H, G, P, N, NC, transpoint,
+        dy, C, dt, bias, A, dstates, pos if packed else decay, T, rows_bucket, H, G, P, N, NC, transpoint,
         *_row_strides(dy, C, dt), lo, hi, L=L, PACKED=packed, IEEE=ieee, **flags,
         **_launch_blocks("states", P, N))
 
@@ -194,11 +225,18 @@ def _ssd_bwd(dy, dfinal, x, dt, dt_bias, A, B, C, D, initial_states, states, fin
         dinit = (dfinal.to(initial_states.dtype, copy=True) if dfinal is not None
                  else torch.zeros_like(initial_states))
     dfin = dfinal.contiguous() if dfinal is not None else None
-    _state_passing_bwd_kernel[(batch * H, num_blocks)](
-        dstates, states, final, decay, dfin if dfin is not None else final,
-        dinit if dinit is not None else final, dlam_end, chunk_doc if packed else decay,
-        chunk_flags if packed else decay, H, P * N, NC, num_blocks, BLOCK=block,
-        HAS_DFINAL=dfin is not None, HAS_DINIT=dinit is not None, PACKED=packed)
+    if packed or DESIGN["passing"] == "serial":
+        _state_passing_bwd_kernel[(batch * H, num_blocks)](
+            dstates, states, final, decay, dfin if dfin is not None else final,
+            dinit if dinit is not None else final, dlam_end, chunk_doc if packed else decay,
+            chunk_flags if packed else decay, H, P * N, NC, num_blocks, BLOCK=block,
+            HAS_DFINAL=dfin is not None, HAS_DINIT=dinit is not None, PACKED=packed)
+    else:
+        _state_passing_bwd_tiled_kernel[(batch * H, num_blocks)](
+            dstates, states, final, decay, dfin if dfin is not None else final,
+            dinit if dinit is not None else final, dlam_end, H, P * N, NC, num_blocks,
+            BLOCK=block, CHUNKS=_passing_chunks(NC), HAS_DFINAL=dfin is not None,
+            HAS_DINIT=dinit is not None)
 
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     # One group per head: the per-head gradients are the answer, written in B's dtype.
@@ -209,15 +247,36 @@ def _ssd_bwd(dy, dfinal, x, dt, dt_bias, A, B, C, D, initial_states, states, fin
     da_part = torch.empty(batch * NC, H, dtype=torch.float32, device=x.device)
     dbias_part = torch.empty(batch * NC, H, dtype=torch.float32, device=x.device) if dt_bias is not None else da_part
     dd_part = torch.empty(batch * NC, H, P, dtype=torch.float32, device=x.device) if D is not None else da_part
-    _chunk_bwd_kernel[(NC, batch * H)](
-        x, B, C, dt, bias, A, D if D is not None else A, states, dstates, dlam_end, dy, pdx, pdb,
-        pdc, dx, db, dc, ddt, da_part, dbias_part, dd_part, pos if packed else decay,
-        T, BH, H, G, P, N, NC, transpoint, num_blocks, *_row_strides(x, B, C, dt, dy, pdx, pdb, pdc),
-        lo, hi, L=L, BLOCK_N=max(16, triton.next_power_of_2(N)),
-        BLOCK_E=triton.next_power_of_2(num_blocks), HAS_D=D is not None,
-        D_PER_P=D is not None and D.dim() == 2, HAS_PDX=prefix_dx is not None,
-        HAS_PDB=prefix_dB is not None, HAS_PDC=prefix_dC is not None, PACKED=packed, IEEE=ieee,
-        **flags, **_launch_blocks("chunk", P, N))
+    D_arg, pos_arg = D if D is not None else A, pos if packed else decay
+    d_flags = dict(HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2)
+    block_e = triton.next_power_of_2(num_blocks)
+    if DESIGN["chunk_bwd"] == "fused":
+        _chunk_bwd_kernel[(NC, batch * H)](
+            x, B, C, dt, bias, A, D_arg, states, dstates, dlam_end, dy, pdx, pdb, pdc, dx, db, dc,
+            ddt, da_part, dbias_part, dd_part, pos_arg, T, rows_bucket, H, G, P, N, NC, transpoint,
+            num_blocks, *_row_strides(x, B, C, dt, dy, pdx, pdb, pdc), lo, hi, L=L,
+            BLOCK_N=max(16, triton.next_power_of_2(N)), BLOCK_E=block_e,
+            HAS_PDX=prefix_dx is not None, HAS_PDB=prefix_dB is not None,
+            HAS_PDC=prefix_dC is not None, PACKED=packed, IEEE=ieee, **d_flags, **flags,
+            **_launch_blocks("chunk", P, N))
+    else:
+        blocks = _launch_blocks("dbc", P, N)
+        # One dLam partial [L] per (chunk, head, program); room for the smallest BLOCK_N (32).
+        dlam_part = torch.empty(batch * NC * H, 2 * triton.cdiv(N, blocks.get("BLOCK_N", 32)), L,
+                                dtype=torch.float32, device=x.device)
+        _chunk_bwd_dbc_kernel[lambda meta: (NC * 2 * triton.cdiv(N, meta["BLOCK_N"]), batch * H)](
+            x, B, C, dt, bias, A, states, dstates, dy, pdb, pdc, db, dc, dlam_part, pos_arg,
+            T, rows_bucket, H, G, P, N, NC, transpoint, *_row_strides(x, B, C, dt, dy, pdb, pdc),
+            lo, hi, L=L, PDB=int(prefix_dB is not None), PDC=int(prefix_dC is not None),
+            PACKED=packed, IEEE=ieee, **flags, **blocks)
+        num_parts = 2 * triton.cdiv(N, _chosen(_chunk_bwd_dbc_kernel, "BLOCK_N", blocks, 32))
+        _chunk_bwd_dx_kernel[(NC, batch * H)](
+            x, B, C, dt, bias, A, D_arg, dstates, dlam_end, dlam_part, dy, pdx, dx, ddt, da_part,
+            dbias_part, dd_part, pos_arg, T, rows_bucket, H, G, P, N, NC, transpoint, num_blocks,
+            num_parts, *_row_strides(x, B, C, dt, dy, pdx), lo, hi, L=L,
+            BLOCK_N=max(16, triton.next_power_of_2(N)), BLOCK_E=block_e,
+            BLOCK_Q=triton.next_power_of_2(num_parts), HAS_PDX=prefix_dx is not None,
+            PACKED=packed, IEEE=ieee, **d_flags, **flags, **_launch_blocks("chunk", P, N))
 
     dA = torch.empty(A.shape, dtype=A.dtype, device=x.device)
     dbias = torch.empty(H, dtype=dt_bias.dtype, device=x.device) if dt_bias is not None else None

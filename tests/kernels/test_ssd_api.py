@@ -54,6 +54,19 @@ def reference(inputs, chunk, transpoint, dt_limit):
                                           (100, 0), (100, 1), (100, 99), (100, 100)])
 def test_mixer_entry_matches_reference(T, transpoint):
     """G < H; T = 63 reads D [H, P], T = 100 clamps dt to dt_limit."""
+    check_mixer_entry(T, transpoint)
+
+
+@pytest.mark.parametrize("T,transpoint", [(100, 99)])
+def test_serial_passing_and_fused_backward_match_reference(T, transpoint, monkeypatch):
+    """The other designs of ``chunk.DESIGN`` (one chunk per state-passing step, one program
+    for the whole chunk backward), kept for comparison on GPUs, still match the reference."""
+    monkeypatch.setitem(chunk_module.DESIGN, "passing", "serial")
+    monkeypatch.setitem(chunk_module.DESIGN, "chunk_bwd", "fused")
+    check_mixer_entry(T, transpoint)
+
+
+def check_mixer_entry(T, transpoint):
     dt_limit = (0.05, 1.5) if T == 100 else (0.0, math.inf)
     inputs = mixer_inputs(2, T, 4, 8, 2, 16, torch.float32, d_per_p=T == 63)
     leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}

@@ -154,11 +154,13 @@ def test_float16_gradients_and_states_kept_in_float16():
 @pytest.mark.parametrize("packed", [False, True])
 def test_other_tilings_match_reference(packed, monkeypatch):
     """Block sizes smaller than the head and state dims (several P blocks in the chunk kernels,
-    a 3 x 2 grid of state blocks with one chunk-end decay partial each): the tilings the GPU
-    autotuner may pick give the reference's results."""
+    a 3 x 2 grid of state blocks with one chunk-end decay partial each, two N blocks of dB and
+    of dC, two chunks per tiled state-passing step): the tilings the GPU autotuner may pick
+    give the reference's results."""
     monkeypatch.setattr(chunk_module, "_interpreter_blocks",
-                        lambda kernel, P, N: {"BLOCK_P": 16, "BLOCK_N": 32} if kernel == "states"
-                        else {"BLOCK_P": 16})
+                        lambda kernel, P, N: {"BLOCK_P": 16, "BLOCK_N": 32}
+                        if kernel in ("states", "dbc") else {"BLOCK_P": 16})
+    monkeypatch.setattr(chunk_module, "_passing_chunks", lambda num_chunks: 2)
     if not packed:
         compare(make_inputs(2, 37, 2, 40, 1, 56, torch.float32), 16, 20, 1e-5, 1e-5)
         return

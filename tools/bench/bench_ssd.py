@@ -3,6 +3,14 @@
     python tools/bench/bench_ssd.py                  # the layouts of NOTES, 65,536 tokens a call
     python tools/bench/bench_ssd.py --core-only --lengths 8192 --layouts 16,16,128,128
     python tools/bench/bench_ssd.py --smoke          # tiny shapes (CPU with TRITON_INTERPRET=1)
+    python tools/bench/bench_ssd.py --kernels        # each SSD kernel alone, every design
+
+``--kernels`` times each launch of one forward and one backward alone (the mixer's call: raw dt,
+A_log, D, bf16, p = 0) at the training shape (B=1, T=8192, H=G=16, P=N=96) and at 65,536
+tokens (B=8, T=8192, H=G=16, P=N=128), under each design of ``chunk.DESIGN`` (state passing
+serial / tiled, chunk backward fused / split) in the same process: one JSON line per kernel
+with its median ms by triton.testing.do_bench and by do_bench_cudagraph (no host launch
+overhead), and the autotuner's chosen config.
 
 Tables: (1) bf16 error of the Triton SSD against the float32 reference, next to PyTorch's own
 bf16 error (the same chunked algorithm computed in bf16), forward and backward; (2) the gated
@@ -18,6 +26,8 @@ the same shapes, and fla's chunk_simple_gla forward when fla-core is importable.
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import math
 import sys
 import time
@@ -27,6 +37,7 @@ import torch
 
 from megatron_transmamba.layers.mixer_core import (grouped_attention, prefix_attention,
                                                    transmamba_core_triton)
+from transmamba_kernels.ssd import chunk as chunk_module
 from transmamba_kernels.ssd import naive
 from transmamba_kernels.ssd.chunk import chunk_ssd_triton
 
@@ -213,11 +224,117 @@ def norm_table(tokens, device):
         print(row, flush=True)
 
 
+class _Recorded:
+    """Stands in for a kernel in ``chunk_module``: records each launch (grid, arguments), then
+    launches the real kernel."""
+
+    def __init__(self, name, kernel, log):
+        self.name, self.kernel, self.log = name, kernel, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((self.name, self.kernel, grid, args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _record_launches(fn):
+    """[(name, kernel, grid, args, kwargs)] of every kernel ``fn()`` launches in chunk_module."""
+    log, real = [], {}
+    for name in dir(chunk_module):
+        if name.endswith("_kernel"):
+            real[name] = getattr(chunk_module, name)
+            setattr(chunk_module, name, _Recorded(name, real[name], log))
+    try:
+        fn()
+    finally:
+        for name, kernel in real.items():
+            setattr(chunk_module, name, kernel)
+    return log
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_kernel(launch):
+    """(do_bench ms, do_bench_cudagraph ms) of one launch, medians. In-place kernels (the
+    state passing) rerun on their own output: the same work on other values."""
+    if not torch.cuda.is_available():   # the "smoke" shape on CPU: only exercises the code
+        return bench(launch), float("nan")
+    import triton.testing
+    ms = triton.testing.do_bench(launch, warmup=5, rep=25, return_mode="median")
+    try:
+        graph = triton.testing.do_bench_cudagraph(launch, rep=25, return_mode="median")
+    except Exception:  # noqa: BLE001 - a kernel that cannot be captured still gets do_bench
+        graph = float("nan")
+    return ms, graph
+
+
+KERNEL_SHAPES = {"train": (1, 8192, 16, 16, 96, 96), "64k": (8, 8192, 16, 16, 128, 128),
+                 "smoke": (1, 100, 2, 2, 16, 16)}
+DESIGNS = [dict(passing=a, chunk_bwd=b) for a, b in itertools.product(("serial", "tiled"),
+                                                                       ("fused", "split"))]
+
+
+def kernel_table(shapes, chunk, device):
+    """Each SSD kernel alone, for every design, one JSON line per kernel (see the docstring)."""
+    saved_design = dict(chunk_module.DESIGN)
+    if device == "cuda":
+        print(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                              triton=__import__("triton").__version__)), flush=True)
+    for label in shapes:
+        batch, T, H, G, P, N = KERNEL_SHAPES[label]
+        inputs = make(batch, T, H, G, P, N, torch.bfloat16, device)
+        x, B, C = inputs["x"], inputs["B"], inputs["C"]
+        dt = torch.randn(batch, T, H, device=device).to(torch.bfloat16) - 2
+        dt_bias = torch.zeros(H, device=device)
+        A_log = torch.rand(H, device=device) * math.log(16)
+        D = inputs["D"]
+        dy = torch.randn_like(x)
+        fwd_args = (x, dt, dt_bias, A_log, B, C, D, None, chunk, 0, True, True, 0.0, math.inf,
+                    None, None, None, 0)
+        for design in DESIGNS:
+            chunk_module.DESIGN.update(design)
+            start = time.perf_counter()
+            y, final, states, decay = chunk_module._ssd_fwd(*fwd_args)     # autotunes
+            bwd = lambda: chunk_module._ssd_bwd(
+                dy, None, x, dt, dt_bias, A_log, B, C, D, None, states, final, decay,
+                chunk, 0, True, True, 0.0, math.inf, None, None, None, None, None, None, 0)
+            bwd()
+            _sync(device)
+            tuning = time.perf_counter() - start
+            totals = {}
+            for phase, fn in (("fwd", lambda: chunk_module._ssd_fwd(*fwd_args)), ("bwd", bwd)):
+                log = _record_launches(fn)
+                _sync(device)
+                for name, kernel, grid, args, kwargs in log:
+                    ms, graph = _time_kernel(lambda: kernel[grid](*args, **kwargs))
+                    config = getattr(kernel, "best_config", None)
+                    totals[phase] = totals.get(phase, 0.0) + graph
+                    print(json.dumps(dict(shape=label, B=batch, T=T, H=H, G=G, P=P, N=N, chunk=chunk,
+                                          **design, phase=phase, kernel=name,
+                                          ms=round(ms, 4), ms_graph=round(graph, 4),
+                                          config=str(config) if config is not None else None)),
+                          flush=True)
+                whole, whole_graph = _time_kernel(fn)
+                print(json.dumps(dict(shape=label, **design, phase=phase, kernel="total",
+                                      ms=round(whole, 4), ms_graph=round(whole_graph, 4),
+                                      sum_of_kernels_graph=round(totals[phase], 4),
+                                      first_call_s=round(tuning, 1))), flush=True)
+    chunk_module.DESIGN.update(saved_design)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, for a CPU check")
     parser.add_argument("--core-only", action="store_true",
                         help="only the mixer-core table (at the first chunk size)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="each SSD kernel alone under every design (JSON lines)")
+    parser.add_argument("--kernel-shapes", default="train,64k",
+                        help=f"shapes of --kernels, from {list(KERNEL_SHAPES)}")
     parser.add_argument("--tokens", type=int, default=65536)
     parser.add_argument("--lengths", default="2048,8192,32768,131072")
     parser.add_argument("--chunks", default="64,128")
@@ -236,6 +353,9 @@ def main(argv=None) -> int:
         worst = accuracy_table(1, 40, 2, 1, 16, 16, 16, device)
         print(f"\nworst ratio {worst:.2f}")
         core_table([(2, 1, 16, 16)], [40], 80, 16, device)
+        return 0
+    if args.kernels:
+        kernel_table(args.kernel_shapes.split(","), chunks[0], device)
         return 0
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{__import__('triton').__version__}")
