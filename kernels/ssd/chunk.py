@@ -10,9 +10,9 @@ in the chunk-parallel order of mamba_ssm (kernels in ``chunk_kernels.py``):
                          + exp(Lam_t) S_c C_t + D x_t                   t >= transpoint
 
 The backward mirrors it: V_c = sum_{t>=p} exp(Lam_t) dy_t (x) C_t per chunk in parallel, the
-reverse state passing dS_c = exp(Lam_end,c) dS_c+1 + V_c, then one chunk kernel for dx, dB,
-dC and dt (with the reverse in-chunk cumsum of dLam and the softplus/bias chain), and one
-small kernel that sums the per-chunk partials of dA, dD and d dt_bias in a fixed order.
+reverse state passing dS_c = exp(Lam_end,c) dS_c+1 + V_c, then the chunk backward: dB and dC
+per N block with their dLam shares, then dx and dt (with the reverse in-chunk cumsum of dLam
+and the softplus/bias chain), and one small kernel that sums the per-chunk partials of dA, dD and d dt_bias in a fixed order.
 TransMamba (arXiv 2503.24067): tokens before the TransPoint p belong to attention, so their
 outputs are never computed (chunks that end before p only zero their rows) while their states
 are, which is the Memory Converter fused into the scan. The backward can add attention's
@@ -185,8 +185,9 @@ def _check_prefix(name, grad, shape):
 def _ssd_bwd(dy, dfinal, x, dt, dt_bias, A, B, C, D, initial_states, states, final, decay,
              chunk_size, transpoint, a_is_log, dt_softplus, lo, hi, prefix_dx, prefix_dB,
              prefix_dC, chunk_doc, chunk_flags, pos, num_docs):
-    """Four launches (five when G < H): V_c per chunk, reverse state passing, chunk backward,
-    finalize (and the group sum of dB, dC). Returns dx, d dt (raw), d dt_bias, dA (or
+    """Five launches (six when G < H; one fewer with the fused chunk backward): V_c per chunk,
+    reverse state passing, chunk backward (dB/dC, then dx/ddt), finalize (and the group sum of
+    dB, dC). Returns dx, d dt (raw), d dt_bias, dA (or
     dA_log), dB, dC, dD, d initial_states, each in its input's dtype; absent inputs get an
     empty tensor."""
     batch, T, H, P = x.shape
@@ -472,7 +473,8 @@ def transmamba_ssd_triton(x, dt, dt_bias, A_log, B, C, D, chunk_size, transpoint
             each gradient comes back in its input's dtype.
         chunk_size: a power of two >= 16. transpoint: outputs only for t >= transpoint.
 
-    Three launches forward and four backward (five when G < H). Traceable by
+    Three launches forward and five backward (six when G < H; four and five with the fused
+    chunk backward, ``DESIGN["chunk_bwd"] = "fused"``). Traceable by
     ``torch.compile(fullgraph=True)`` (custom ops ``transmamba::ssd_fwd`` / ``ssd_bwd``).
     """
     lo, hi = _limits(dt_limit)
@@ -531,7 +533,7 @@ def chunk_ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, i
         y [B, T, H, P] in x's dtype, and the final state [B, H, P, N] (float32) when
         ``return_final_states``. Differentiable in x, dt, A, B, C, D, z, dt_bias, initial_states.
 
-    Without documents and z: three launches forward and four backward (five when G < H),
+    Without documents and z: three launches forward and five backward (six when G < H),
     traceable by torch.compile. Packed documents are eager-only: the layout is read from the
     host, dt is processed and the inputs packed into whole chunks in PyTorch. z multiplies
     the output in PyTorch.
