@@ -41,8 +41,11 @@ def main(argv=None) -> int:
             torch.autograd.grad(chunk_ssd_triton(x, dt, A, B, C, args.chunk, D=D), (x, dt, B, C), dy)
         torch.cuda.synchronize()
     print(f"B={Bt} T={T} H={H} G={G} P={P} N={N} chunk={args.chunk}, 5 forward+backward calls")
-    for name in ("_states_fwd_kernel", "_chunk_scan_fwd_kernel", "_states_bwd_kernel", "_chunk_bwd_kernel"):
-        print(f"  {name}: autotuned {getattr(getattr(chunk, name), 'best_config', None)}")
+    print(f"  design {chunk.DESIGN}")
+    for name in sorted(n for n in dir(chunk) if n.endswith("_kernel")):
+        config = getattr(getattr(chunk, name), "best_config", None)
+        if config is not None:
+            print(f"  {name}: autotuned {config}")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     return 0
 
