@@ -3,7 +3,7 @@
 Run before a GPU session, with the Triton version the GPU machine has, so a kernel that does
 not compile there costs no GPU time:
 
-    python tools/check_gpu_compile.py [--arch 90] [--filter ssd,conv,norm,swiglu]
+    python tools/check_gpu_compile.py [--arch 90] [--filter ssd,conv,norm,swiglu,optimizer]
 
 The kernel wrappers run on small CPU tensors with kernel launches intercepted: nothing is
 launched (outputs stay unwritten). Each launch's argument types, specialisations and
@@ -150,6 +150,12 @@ def drive_kernels(recorder: Recorder, only: str) -> None:
                 table = torch.rand(T, rows if packed else 1, 1, q.shape[-1])
                 q_rot, k_rot = rope_qk_triton(q, k, table, seq_first=seq_first)
                 torch.autograd.grad(q_rot.float().sum() + k_rot.float().sum(), leaves)
+        if "optimizer" in only and dtype == torch.float32:
+            from kernels.optimizer.step_scalars import step_scalars_triton
+            for parts, separate, clip in ((1, False, 1.0), (3, True, 1.0), (1, False, 0.0)):
+                recorder.context = f"optimizer step scalars parts={parts} clip={clip}"
+                step_scalars_triton(torch.rand(parts), torch.rand(()), torch.zeros(()), clip,
+                                    separate)
         if "cross_entropy" in only:
             from kernels.cross_entropy.cross_entropy import (_cross_entropy_stats_op,
                                                               cross_entropy_triton)
@@ -163,7 +169,7 @@ def drive_kernels(recorder: Recorder, only: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability (90: H100/H200)")
-    parser.add_argument("--filter", default="ssd,conv,norm,swiglu,rope,cross_entropy",
+    parser.add_argument("--filter", default="ssd,conv,norm,swiglu,rope,cross_entropy,optimizer",
                         help="which wrappers to drive")
     args = parser.parse_args(argv)
     recorder = Recorder(GPUTarget("cuda", args.arch, 32))

@@ -83,6 +83,7 @@ class LaunchCounter(TorchDispatchMode):
         self.main_grads: set[int] = set()            # storage pointers of DDP's grad buffers
         self.trace: list[str] = []                   # every launch in order (``triton:<kernel>``)
         self._in_triton = 0
+        self._depth = 0
         self._patches: list = []
 
     # ---- attribution -------------------------------------------------------------------
@@ -123,14 +124,20 @@ class LaunchCounter(TorchDispatchMode):
 
     # ---- Triton launches and host reads outside the dispatcher --------------------------
     def __enter__(self):
-        self._patch_triton()
-        self._patch_tensor_reads()
+        # re-entered around each custom op's body (``with self`` above): patch once, at the
+        # outermost entry, and restore at its exit only
+        if self._depth == 0:
+            self._patch_triton()
+            self._patch_tensor_reads()
+        self._depth += 1
         return super().__enter__()
 
     def __exit__(self, *exc):
-        for owner, name, original in reversed(self._patches):
-            setattr(owner, name, original)
-        self._patches.clear()
+        self._depth -= 1
+        if self._depth == 0:
+            for owner, name, original in reversed(self._patches):
+                setattr(owner, name, original)
+            self._patches.clear()
         return super().__exit__(*exc)
 
     def _patch(self, owner, name, wrapper) -> None:
@@ -307,6 +314,7 @@ def _count(cfg, info, model_config, bf16: bool) -> dict:
     from megatron_transmamba.data.tokenizer import build_tokenizer
     from megatron_transmamba.models.language_model import TransMambaLanguageModel
     from megatron_transmamba.training import pretrain as trainer
+    from megatron_transmamba.training.optimizer_step import StepRecords, device_step
 
     t = cfg.training
     device = info.device
@@ -344,9 +352,13 @@ def _count(cfg, info, model_config, bf16: bool) -> dict:
                                micro_batch_size=batch, forward_only=False)
         counter.step_phase = "optimizer"
         loss = torch.stack([d["lm loss"] for d in out]).mean()
-        applied, _ = trainer.optimizer_step(optimizer, require_finite=False)
-        if applied:
-            scheduler.step(increment=1)
+        # the training loop's step (pretrain.py): norm, clip and skip on the device, the
+        # record queued for the host (Triton's interpreter computes bf16 wrongly, so the update
+        # may be skipped here: the same launches either way)
+        stop_flag = torch.full((), 0.0, dtype=torch.float64, device=device)
+        StepRecords(device).push(1, device_step(optimizer, loss, stop_flag, device,
+                                                use_triton=model_config.mixer_backend == "triton"))
+        scheduler.step(increment=1)
         counter.step_phase = None
         return loss
 

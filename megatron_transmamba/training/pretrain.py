@@ -28,7 +28,6 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
@@ -47,6 +46,8 @@ from megatron_transmamba.training.graphs import (capturable_streams, capture_lay
                                                  check_compile, check_cuda_graphs, compile_layers)
 from megatron_transmamba.training.multi_tensor import (install_foreach_multi_tensor_ops,
                                                        use_few_kernel_steps)
+from megatron_transmamba.training.optimizer_step import (StepRecords, device_step, optimizer_step,
+                                                         skips_on_device)
 from megatron_transmamba.training.profiling import StepProfiler
 from megatron_transmamba.training.metrics import (Throughput, format_bytes, memory_estimate_bytes,
                                                   peak_tflops, throughput)
@@ -249,43 +250,6 @@ def build_optimizer(ddp_model, t, bf16: bool, params_dtype: torch.dtype,
     return optimizer, scheduler
 
 
-def optimizer_step(optimizer, require_finite: bool = True) -> tuple[bool, float]:
-    """megatron-core's optimizer step, taken only when the global gradient norm is finite:
-    returns (applied, gradient norm).
-
-    The parts of ``MegatronOptimizer.step`` / ``ChainedOptimizer.step`` run here in its order
-    (prepare the main gradients, global norm, clip every part by it, update), so the gradients
-    are prepared and their norm computed once, and a NaN/inf norm stops before the clip and the
-    update: it never reaches the weights or Adam's moments. ``require_finite=False`` updates
-    anyway (the launch counter: Triton's CPU interpreter computes bf16 wrongly)."""
-    grad_norm = prepare_gradients(optimizer)
-    if not math.isfinite(grad_norm) and require_finite:
-        return False, grad_norm
-    return apply_update(optimizer, grad_norm), grad_norm
-
-
-def prepare_gradients(optimizer) -> float:
-    """The first half of ``optimizer_step``: prepare the main gradients and return their
-    global norm (NaN when a loss scaler found inf/NaN). Reading the norm is the training
-    step's one host synchronisation."""
-    if optimizer.prepare_grads():                     # a loss scaler found inf/NaN
-        return float("nan")
-    return float(optimizer.get_grad_norm() or 0.0)
-
-
-def apply_update(optimizer, grad_norm: float) -> bool:
-    """The second half of ``optimizer_step``: clip every part by the global norm, update."""
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if getattr(part, "is_stub_optimizer", False) or part.config.clip_grad <= 0.0:
-            continue
-        params = part.get_parameters()
-        if params:
-            clip_grad_by_total_norm_fp32(
-                params, max_norm=part.config.clip_grad, total_norm=grad_norm,
-                use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
-    return optimizer.step_with_ready_grads()
-
-
 class TrainingDivergedError(RuntimeError):
     """A NaN/inf loss or gradient norm with training.nan_action='stop' (or too many skips)."""
 
@@ -315,8 +279,9 @@ class _StopSignal:
 
     def anywhere(self, device: torch.device) -> torch.Tensor:
         """Whether any rank got the signal, as a device flag (a collective: every rank calls
-        it); the training loop reads it with the loss, after the step's one host sync."""
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        it); the training loop reads it with the step's loss, one step later."""
+        # a fill, not a copy from host memory (which would wait for the device)
+        flag = torch.full((1,), 1.0 if self.received else 0.0, device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return flag[0]
 
@@ -621,6 +586,52 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
     skipped_in_a_row, last_saved = 0, (resumed.step if resumed is not None else None)
     profiler = StepProfiler(cfg.logging, info.rank, partial(print, flush=True), default_dir=(
         os.path.join(cfg.checkpoint.save, "profile") if cfg.checkpoint.save else "runs/profile"))
+    if not skips_on_device(optimizer):
+        raise ValueError("the training step needs torch's fused Adam(W) (found_inf), which "
+                         "build_optimizer sets up")
+    records = StepRecords(device)        # each step's [loss, grad norm, SIGTERM], read a step late
+
+    def settle() -> None:
+        """The host's part of the oldest queued step: its losses and logs, the LR schedule when
+        its update was applied, the NaN/inf policy (which raises) and SIGTERM."""
+        nonlocal skipped_in_a_row
+        at, (loss, grad_norm, stop_requested) = records.pop()
+        if not math.isfinite(loss):
+            grad_norm = float("nan")
+        result.train_losses[at], result.grad_norms[at] = loss, grad_norm
+        log.advance(loss)
+        log.scalars(at, **{"loss/train": loss, "lr": optimizer.param_groups[0]["lr"],
+                           "grad_norm": grad_norm})
+        if stop_requested and not result.stop_reason:
+            result.stop_reason = "SIGTERM"
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            scheduler.step(increment=1)
+            skipped_in_a_row = 0
+            return
+        skipped_in_a_row += 1
+        result.skipped_steps.append(at)
+        what = f"step {at}: loss {loss}, gradient norm {grad_norm}"
+        if t.nan_action == "stop" or skipped_in_a_row == t.nan_skip_limit:
+            # Nothing was applied since: weights, optimizer and schedule are those of `at - 1`
+            # (the device skipped step `at`; the next update is not queued yet).
+            good = at - 1
+            saved = ""
+            if checkpointer is not None:
+                finish_saves(blocking=True)
+                if last_saved != good:
+                    save(good, good * global_batch)
+                    finish_saves(blocking=True)
+                saved = (f"; the last good state (step {good}) is the checkpoint "
+                         f"iter_{good:07d} in {cfg.checkpoint.save}")
+            reason = ("training.nan_action='stop'" if t.nan_action == "stop" else
+                      f"{skipped_in_a_row} steps in a row (training.nan_skip_limit)")
+            raise TrainingDivergedError(
+                f"{what} is not finite ({reason}){saved}. Resuming repeats this batch; "
+                "training.nan_action='skip' skips it, a lower training.lr or "
+                "training.clip_grad may avoid it")
+        log.line(f"step {at:>6} | {what} is not finite: update skipped "
+                 f"(training.nan_action='skip', {skipped_in_a_row} in a row)")
+
     with _StopSignal() as stop_signal:
         while step < t.train_iters:
             profiler.begin(step + 1)
@@ -632,77 +643,57 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
                                    model=ddp_models, num_microbatches=num_micro,
                                    seq_length=seq_length, micro_batch_size=t.micro_batch_size,
                                    forward_only=False)
-            # The loss (the same on every rank) and the SIGTERM flag go to the host together,
-            # after the gradient norm: that read is the step's one wait for the device.
-            pending = torch.stack([_mean_loss(out, groups.pp), stop_signal.anywhere(device)])
-            grad_norm = prepare_gradients(optimizer)
-            loss, stop_requested = pending.tolist()
-            applied = (math.isfinite(loss) and math.isfinite(grad_norm)
-                       and apply_update(optimizer, grad_norm))
-            if not math.isfinite(loss):
-                grad_norm = float("nan")
-            if applied:
-                scheduler.step(increment=1)
-                skipped_in_a_row = 0
-            else:
-                skipped_in_a_row += 1
-                result.skipped_steps.append(step + 1)
-                what = f"step {step + 1}: loss {loss}, gradient norm {grad_norm}"
-                if t.nan_action == "stop" or skipped_in_a_row == t.nan_skip_limit:
-                    # Nothing was applied: weights, optimizer and schedule are those of `step`.
-                    saved = ""
-                    if checkpointer is not None:
-                        finish_saves(blocking=True)
-                        if last_saved != step:
-                            save(step, consumed)
-                            finish_saves(blocking=True)
-                        saved = (f"; the last good state (step {step}) is the checkpoint "
-                                 f"iter_{step:07d} in {cfg.checkpoint.save}")
-                    reason = ("training.nan_action='stop'" if t.nan_action == "stop" else
-                              f"{skipped_in_a_row} steps in a row (training.nan_skip_limit)")
-                    raise TrainingDivergedError(
-                        f"{what} is not finite ({reason}){saved}. Resuming repeats this batch; "
-                        "training.nan_action='skip' skips it, a lower training.lr or "
-                        "training.clip_grad may avoid it")
-                log.line(f"step {step + 1:>6} | {what} is not finite: update skipped "
-                         f"(training.nan_action='skip', {skipped_in_a_row} in a row)")
+            loss = _mean_loss(out, groups.pp)                    # the same on every rank
+            stop_flag = stop_signal.anywhere(device)
+            # The previous step's outcome: the device has this step queued behind it, so the
+            # wait does not idle it. A skipped step is known here, before the next update.
+            if records:
+                settle()
+                if result.stop_reason:   # SIGTERM during the previous step: this batch is dropped
+                    break
+            records.push(step + 1, device_step(optimizer, loss, stop_flag, device))
             step += 1
             consumed += global_batch
+            at_log = step % t.log_interval == 0 or step == t.train_iters
+            at_eval = t.eval_interval and (step % t.eval_interval == 0 or step == t.train_iters)
+            at_save = checkpointer is not None and step % cfg.checkpoint.save_interval == 0
+            if at_log or at_eval or at_save or step == t.exit_at_step:
+                settle()                           # this step's outcome, waiting for it
             result.step_seconds[step] = time.time() - step_start
             profiler.end(step)
-            result.train_losses[step] = loss
-            result.grad_norms[step] = grad_norm
-            lr = optimizer.param_groups[0]["lr"]
-            log.advance(loss)
-            log.scalars(step, **{"loss/train": loss, "lr": lr, "grad_norm": grad_norm})
-            if step % t.log_interval == 0 or step == t.train_iters:
+            if at_log:
                 elapsed = time.time() - tic
                 speed = throughput((step - last_logged) * global_batch * seq_length, elapsed,
                                    flops_per_token, info.world_size, peak)
                 result.throughput = speed
-                log.line(f"step {step:>6} | loss {loss:.4f} | lr {lr:.3e} | grad norm "
-                         f"{grad_norm:.3f} | {speed.describe()}")
+                log.line(f"step {step:>6} | loss {result.train_losses[step]:.4f} | lr "
+                         f"{optimizer.param_groups[0]['lr']:.3e} | grad norm "
+                         f"{result.grad_norms[step]:.3f} | {speed.describe()}")
                 log.scalars(step, **{"throughput/tokens_per_s": speed.tokens_per_s,
                                      "throughput/tflops_per_gpu": speed.tflops_per_gpu,
                                      **({"throughput/mfu": speed.mfu} if speed.mfu is not None
                                         else {})})
                 tic, last_logged = time.time(), step
-            if t.eval_interval and (step % t.eval_interval == 0 or step == t.train_iters):
+            if at_eval:
                 result.valid_losses[step] = evaluate()
                 log.line(f"step {step:>6} | validation loss {result.valid_losses[step]:.4f}")
                 log.scalars(step, **{"loss/validation": result.valid_losses[step]})
             finish_saves(blocking=False)
             if step == t.exit_at_step:
                 result.stop_reason = "exit_at_step"
-            elif stop_requested:
-                result.stop_reason = "SIGTERM"
-            if checkpointer is not None and (step % cfg.checkpoint.save_interval == 0
-                                             or step == t.train_iters or result.stop_reason):
+            if result.stop_reason:
+                break
+            if at_save:
                 save(step, consumed)
                 last_saved = step
-            if result.stop_reason:
-                log.line(f"step {step:>6} | stopping ({result.stop_reason})")
-                break
+        while records:
+            settle()
+        if checkpointer is not None and last_saved != step and (
+                result.stop_reason or step == t.train_iters):
+            save(step, consumed)
+            last_saved = step
+        if result.stop_reason:
+            log.line(f"step {step:>6} | stopping ({result.stop_reason})")
         finish_saves(blocking=True)
     result.flops_per_token, result.peak_tflops = flops_per_token, peak
     result.profile = profiler.stats
