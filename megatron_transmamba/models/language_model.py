@@ -299,9 +299,10 @@ def _run_stream_layer(layer, hidden: Tensor, residual: Optional[Tensor], rope,
 
 
 def _takes_residual_stream(layer) -> bool:
-    # A layer whose forward was replaced on the instance (training/graphs.py's CUDA graphs
-    # capture hidden -> hidden) gets the plain stream.
-    return "forward" not in vars(layer)
+    # A layer whose forward was replaced on the instance (training/graphs.py's CUDA graphs)
+    # takes the stream when that forward says so.
+    replaced = vars(layer).get("forward")
+    return replaced is None or getattr(replaced, "takes_residual_stream", False)
 
 
 def _check_tensor_parallel_group(config: TransMambaConfig, vocab_size: int, tp_size: int) -> None:

@@ -18,7 +18,8 @@ parameter names and checkpoints as they are (issue #15, the "lean training step"
   the optimizer updates them in place). All layers of a chunk are captured in one call, in
   forward order, so they share one memory pool and replay as they were captured. A training
   step then costs one graph launch per layer and direction instead of its kernels; the
-  embedding, LM head, loss, optimizer and gradient reduction stay eager. With both options,
+  embedding, LM head, loss, optimizer and gradient reduction stay eager. Under the residual
+  stream (the triton backend's fused add + norm) the graphs take and return it. With both options,
   each layer's forward is compiled (not the layer, so ``compile_layers`` is not used) and the
   compiled kernels are what the graphs capture.
 
@@ -42,6 +43,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
+from megatron_transmamba.layers.norm import PLAIN
 from megatron_transmamba.layers.rotary import rope_table
 
 
@@ -128,19 +130,27 @@ def compile_layers(chunks: list, fullgraph: bool = True) -> None:
 
 
 class _LayerBody(nn.Module):
-    """What a graph captures of one layer: hidden [S, B, d] -> hidden (the layer's forward with
-    its RoPE table held constant). ``layer`` is registered, so the graph's parameters are the
-    layer's own."""
+    """What a graph captures of one layer, with its RoPE table held constant: hidden [S, B, d]
+    -> hidden (``mode`` "plain"), or the residual stream (models/language_model.py): hidden ->
+    (output, hidden) for a chunk's first layer ("first", residual None) and (hidden, residual)
+    -> (output, hidden + residual) for the others ("stream"). ``layer`` is registered, so the
+    graph's parameters are the layer's own."""
 
-    def __init__(self, layer: nn.Module, forward, rope):
+    def __init__(self, layer: nn.Module, forward, rope, mode: str = "plain"):
         super().__init__()
         self.layer = layer
         self.eager_forward = layer.forward
         self.captured_forward = forward          # eager_forward, or compiled
         self.rope = rope
+        self.mode = mode
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        return self.captured_forward(hidden, attention_mask=None, rotary_pos_emb=self.rope)[0]
+    def forward(self, hidden: Tensor, residual: Tensor | None = None):
+        if self.mode == "plain":
+            return self.captured_forward(hidden, attention_mask=None, rotary_pos_emb=self.rope)[0]
+        out, summed = self.captured_forward(hidden, attention_mask=None,
+                                            rotary_pos_emb=self.rope, residual=residual)
+        # with no residual the sum is the input itself: a graph's output must be its own buffer
+        return out, (summed.clone() if summed is hidden else summed)
 
 
 class _GraphedLayerForward:
@@ -149,20 +159,30 @@ class _GraphedLayerForward:
 
     def __init__(self, layer: nn.Module, body: _LayerBody):
         self.layer, self.body = layer, body
+        self.takes_residual_stream = body.mode != "plain"     # read by the model's loop
 
     def __call__(self, hidden_states: Tensor, attention_mask=None, rotary_pos_emb=None,
-                 packed_seq_params=None, **kwargs):
+                 packed_seq_params=None, residual=PLAIN, **kwargs):
         body = self.body
         if not (self.layer.training and torch.is_grad_enabled()):
             return body.eager_forward(hidden_states, attention_mask=attention_mask,
                                       rotary_pos_emb=rotary_pos_emb,
-                                      packed_seq_params=packed_seq_params, **kwargs)
+                                      packed_seq_params=packed_seq_params, residual=residual,
+                                      **kwargs)
         if attention_mask is not None or packed_seq_params is not None or kwargs:
             raise RuntimeError("a CUDA-graphed layer takes only hidden states and the RoPE table")
         if (rotary_pos_emb is None) != (body.rope is None) or (
                 rotary_pos_emb is not None and rotary_pos_emb.shape != body.rope.shape):
             raise RuntimeError("a CUDA-graphed layer got a RoPE table unlike the captured one")
-        return body(hidden_states), None
+        expected = {"plain": "no residual", "first": "residual None",
+                    "stream": "a residual tensor"}[body.mode]
+        given = ("no residual" if residual is PLAIN else "residual None" if residual is None
+                 else "a residual tensor")
+        if given != expected:
+            raise RuntimeError(f"a CUDA-graphed layer captured with {expected} got {given}")
+        if body.mode == "plain":
+            return body(hidden_states), None
+        return body(hidden_states) if residual is None else body(hidden_states, residual)
 
 
 @contextlib.contextmanager
@@ -208,15 +228,19 @@ def capture_layer_graphs(chunks: list, micro_batch_size: int, device: torch.devi
         rows = seq_len // config.tensor_model_parallel_size if config.sequence_parallel \
             else seq_len
         bodies, samples = [], []
-        with torch.random.fork_rng(devices=[device]):
-            for index, layer in zip(chunk.layer_range, chunk.layers):
+        stream = getattr(chunk, "residual_stream", False)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for position, (index, layer) in enumerate(zip(chunk.layer_range, chunk.layers)):
                 forward = layer.forward
                 if compile_fullgraph is not None:
                     forward = torch.compile(forward, fullgraph=compile_fullgraph, dynamic=False)
-                bodies.append(_LayerBody(layer, forward, _layer_rope(chunk, index, seq_len, device)))
-                samples.append((torch.randn(rows, micro_batch_size, config.hidden_size,
-                                            device=device, dtype=config.params_dtype,
-                                            requires_grad=True),))
+                mode = "plain" if not stream else "first" if position == 0 else "stream"
+                bodies.append(_LayerBody(layer, forward, _layer_rope(chunk, index, seq_len, device),
+                                         mode))
+                sample = lambda: torch.randn(rows, micro_batch_size, config.hidden_size,
+                                             device=device, dtype=config.params_dtype,
+                                             requires_grad=True)
+                samples.append((sample(),) if mode != "stream" else (sample(), sample()))
             if not bodies:
                 continue
             graphed = torch.cuda.make_graphed_callables(tuple(bodies), tuple(samples),

@@ -103,3 +103,39 @@ def test_compile_refuses_packed_documents():
     with pytest.raises(ValueError, match="training.compile=true does not support "
                                          "data.reset_at_eod=true"):
         check_run_config(cfg, world_size=1)
+
+
+@pytest.mark.usefixtures("megatron_single_process")
+@pytest.mark.parametrize("residual_stream", [True, False])
+def test_graph_capture_wiring_keeps_the_models_math(monkeypatch, residual_stream):
+    """capture_layer_graphs on the CPU with make_graphed_callables replaced by the callables
+    themselves: what the graphs would capture (each layer's body, the residual stream under
+    the triton backend: the first layer without a residual, the others with it) computes the
+    model's loss and gradients to the bit."""
+    from megatron_transmamba.config import TransMambaConfig
+    from megatron_transmamba.models.language_model import TransMambaLanguageModel
+    from megatron_transmamba.training.graphs import capture_layer_graphs
+
+    model_fields = {k: v for k, v in TINY_MODEL.items() if k != "transpoint_values"}
+    cfg = TransMambaConfig(**model_fields, transpoint_values=[24], use_cpu_initialization=True,
+                           mixer_backend="triton" if residual_stream else "torch")
+    model = TransMambaLanguageModel(cfg, vocab_size=64, init_seed=3)
+    assert model.residual_stream is residual_stream
+    ids = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(ids, labels=ids).mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    eager_loss, eager_grads = loss_and_grads()
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables",
+                        lambda callables, samples, **kwargs: callables)
+    assert capture_layer_graphs([model], 2, torch.device("cpu")) == len(model.layers)
+    modes = [layer.forward.body.mode for layer in model.layers]
+    assert modes == (["first"] + ["stream"] * 5 if residual_stream else ["plain"] * 6)
+    graphed_loss, graphed_grads = loss_and_grads()
+    assert torch.equal(graphed_loss, eager_loss)
+    for a, b in zip(eager_grads, graphed_grads):
+        assert torch.equal(a, b)
