@@ -383,7 +383,8 @@ def _count(cfg, info, model_config, bf16: bool) -> dict:
         for layer, symbol in zip(model.layers, symbols):
             key = (symbol, getattr(layer, "transpoint", None))   # same structure, same count
             if key not in seen:
-                seen[key] = _count_layer(layer, symbol, model_config, counter, device, bf16)
+                seen[key] = _count_layer(layer, symbol, model_config, counter, device, bf16,
+                                         model.residual_stream)
             layer_records.append(dict(seen[key]))
     finally:
         for handle in handles:
@@ -430,29 +431,43 @@ def _transpoints(model) -> list:
     return [getattr(layer, "transpoint", None) for layer in model.layers]
 
 
-def _count_layer(layer, symbol: str, config, counter: LaunchCounter, device, bf16: bool) -> dict:
+def _count_layer(layer, symbol: str, config, counter: LaunchCounter, device, bf16: bool,
+                 residual_stream: bool = False) -> dict:
     """Forward and backward of one layer alone, on a random input with a random output
-    gradient, inside the model as it trains (its DDP hooks and RoPE table). The parameters'
-    gradient accumulation is left out: DDP's adds are counted for the whole step."""
+    gradient, inside the model as it trains (its DDP hooks and RoPE table; with
+    ``residual_stream``, called as the model calls it: a residual in, (output, sum) out). The
+    parameters' gradient accumulation is left out: DDP's adds are counted for the whole step."""
     from megatron_transmamba.layers.rotary import rope_table
 
     T = config.seq_length
     dtype = torch.bfloat16 if bf16 else torch.float32
-    hidden = torch.randn(T, 1, config.hidden_size, device=device, dtype=dtype, requires_grad=True)
+    make = lambda: torch.randn(T, 1, config.hidden_size, device=device, dtype=dtype,
+                               requires_grad=True)
+    hidden = make()
+    inputs, kwargs = [hidden], {}
+    if residual_stream:
+        kwargs["residual"] = make()
+        inputs.append(kwargs["residual"])
     dim = config.mamba_state_dim if symbol in "TM" else config.kv_channels
     rope = rope_table(T, dim, config.rope_theta, device)
     params = [p for p in layer.parameters() if p.requires_grad]
     saved = [(p.grad, getattr(p, "main_grad", None)) for p in params]
-    out = layer(hidden, attention_mask=None, rotary_pos_emb=rope)[0]    # warm-up (caches)
-    torch.autograd.grad(out, [hidden, *params], torch.randn_like(out), allow_unused=True)
+
+    def forward():
+        out = layer(hidden, attention_mask=None, rotary_pos_emb=rope, **kwargs)
+        return list(out) if residual_stream else [out[0]]
+
+    outs = forward()                                                     # warm-up (caches)
+    torch.autograd.grad(outs, [*inputs, *params], [torch.randn_like(o) for o in outs],
+                        allow_unused=True)
     counter.counts = Counts()
     with counter:
         counter.region = symbol
-        out = layer(hidden, attention_mask=None, rotary_pos_emb=rope)[0]
-    grad = torch.randn_like(out)
+        outs = forward()
+    grads = [torch.randn_like(o) for o in outs]
     with counter:
         counter.region = symbol
-        torch.autograd.grad(out, [hidden, *params], grad, allow_unused=True)
+        torch.autograd.grad(outs, [*inputs, *params], grads, allow_unused=True)
     for p, (g, _) in zip(params, saved):
         p.grad = g
     launches = counter.counts.launches.get(symbol, {})
