@@ -5,7 +5,11 @@
 #
 #   bash tools/bench/lean_step_gpu.sh 400m     # 400M, T = 8192, micro-batch 1: eager x 4, compile and CUDA graphs x 2
 #   bash tools/bench/lean_step_gpu.sh long     # 1.5B at T = 8192 and 400M at T = 32768, eager
+#   bash tools/bench/lean_step_gpu.sh kernels  # CUDA-graph check, fused ops, SSD kernels, vs mamba_ssm
 #
+# mamba_ssm's Triton ops come from its source distribution, unpacked (ops/triton and utils only,
+# no CUDA extensions) under .mamba_src/ (carry it; MAMBA_SRC names another folder); einops
+# travels as a wheel in .whl/.
 # On the device machine: megatron-core travels as a cp312 wheel in .whl/ (carry it), and the
 # kernels are importable as transmamba_kernels through a link (no install). JSON records go to
 # $OUT (or runs/lean_step) and docs/results/.
@@ -43,6 +47,13 @@ case "${1:-400m}" in
       --micro-batch-sizes 1 --variants eager "${common[@]}" --time-budget-s 200 \
       --configs "$c/transmamba_400m.yaml,$c/transformer_400m.yaml"
     ;;
-  *) echo "usage: lean_step_gpu.sh 400m|long" >&2; exit 2 ;;
+  kernels)
+    "$py" tools/bench/check_cuda_graphs.py 2>&1 | tail -8
+    "$py" tools/bench/bench_fused_ops.py --shapes training | tee "$out/fused_ops_training.jsonl"
+    "$py" tools/bench/bench_ssd.py --kernels | tee "$out/ssd_kernels.jsonl"
+    PYTHONPATH="${MAMBA_SRC:-$root/.mamba_src}:$PYTHONPATH" "$py" tools/bench/compare_mamba_ssm.py \
+      --json "$out/h200_vs_mamba_ssm.json"
+    ;;
+  *) echo "usage: lean_step_gpu.sh 400m|long|kernels" >&2; exit 2 ;;
 esac
 cp "$out"/*.json docs/results/ 2>/dev/null || true
