@@ -323,7 +323,8 @@ FWD_VARIANTS = {
     "64x128": dict(block_t=64, block_c=128, num_warps=8),
     "16x256": dict(block_t=16, block_c=256, num_warps=4),
 }
-_FWD = _env_choice("TRANSMAMBA_CONV_FWD", FWD_VARIANTS, "32x64")
+# one H200, 2026-12-02, [1, 8192, 4608] bf16: 16x256 0.069 ms, 32x64 0.089, 64x128 0.100
+_FWD = _env_choice("TRANSMAMBA_CONV_FWD", FWD_VARIANTS, "16x256")
 
 # Backward variants (docs/kernels.md has their predicted times). "tiles" is the 2D-tile kernel
 # tuned at [8, 8192, 6144] (2.28 ms there); the "rows" kernels walk rows per thread, their rows
@@ -339,7 +340,9 @@ BWD_VARIANTS = {
     "rows-1warp": dict(kernel="rows", block_c=128, num_warps=1, programs_per_sm=16,
                        prefetch=False),
 }
-_BWD = _env_choice("TRANSMAMBA_CONV_BWD", BWD_VARIANTS, "rows-prefetch")
+# one H200, 2026-12-02, [1, 8192, 4608] bf16: rows 0.156 ms, rows-1warp 0.175, rows-wide 0.176,
+# rows-prefetch 0.182, tiles 0.270 (memory floor 0.053)
+_BWD = _env_choice("TRANSMAMBA_CONV_BWD", BWD_VARIANTS, "rows")
 
 
 def _num_sms(device: torch.device) -> int:

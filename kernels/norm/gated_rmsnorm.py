@@ -254,6 +254,9 @@ NORM_VARIANTS = {
                     num_warps=4, programs_per_sm=8, max_partials=256),
     "tile-8w": dict(kernel="tile", fwd_block_g=16, bwd_block_g=2, tile=8192, bwd_tile=4096,
                     num_warps=8, programs_per_sm=4, max_partials=128),
+    # the tile forward with the rows backward: the fastest of each on one H200 (2026-12-02,
+    # training shape: forward 0.044 ms tile vs 0.098 rows, backward 0.154 rows vs 0.238 tile)
+    "tile+rows": dict(kernel="tile", bwd_kernel="rows", fwd_block_g=16, tile=4096, num_warps=4),
 }
 
 
@@ -264,7 +267,7 @@ def _env_choice(name: str, variants: dict, default: str) -> dict:
     return dict(variants[choice])
 
 
-_NORM = _env_choice("TRANSMAMBA_GATED_NORM", NORM_VARIANTS, "tile")
+_NORM = _env_choice("TRANSMAMBA_GATED_NORM", NORM_VARIANTS, "tile+rows")
 
 
 def _num_sms(device: torch.device) -> int:
@@ -332,7 +335,7 @@ def _gated_rmsnorm_backward_op(dout: Tensor, y: Tensor, z: Tensor, weight: Tenso
                  HAS_PREFIX=y_prefix is not None)
     dweight = torch.empty(width, dtype=weight.dtype, device=y.device)
     cfg = _NORM
-    if cfg["kernel"] == "rows":
+    if cfg.get("bwd_kernel", cfg["kernel"]) == "rows":
         per_program = backward_rows_per_program(rows)
         programs = triton.cdiv(rows, per_program)
         partials = torch.empty(programs, width, dtype=torch.float32, device=y.device)

@@ -45,7 +45,11 @@ Tensor = torch.Tensor
 #              documents, which always run "serial") or "serial" (one chunk per step);
 #   chunk_bwd: "split" (dB/dC programs per N block, then dx/ddt programs: one launch more) or
 #              "fused" (one program per chunk and head computes dx, dB, dC and ddt).
-DESIGN = {"passing": "tiled", "chunk_bwd": "split"}
+# One H200, 2026-12-02 (bench_ssd.py --kernels, CUDA-graph times): serial passing beats tiled
+# (training shape forward 0.036 vs 0.082 ms, backward 0.079 vs 0.095; 64k tokens 0.364 vs
+# 0.958 and 0.495 vs 1.117) and split beats fused (0.133 + 0.086 vs 0.281 ms; 64k tokens
+# 1.055 + 0.737 vs 2.692).
+DESIGN = {"passing": "serial", "chunk_bwd": "split"}
 
 
 def _interpreter_blocks(kernel: str, P: int, N: int) -> dict:

@@ -47,15 +47,18 @@ def leaves_of(batch, T, H, P, G, N, dtype, param_dtype):
                                                  (torch.float16, torch.bfloat16, 2),
                                                  (torch.float32, torch.float32, 1)])
 @pytest.mark.parametrize("design", ["split", "fused"])
-def test_mixer_entry_launches(dtype, param_dtype, G, design, monkeypatch):
+@pytest.mark.parametrize("passing", ["serial", "tiled"])
+def test_mixer_entry_launches(dtype, param_dtype, G, design, passing, monkeypatch):
     monkeypatch.setitem(chunk_module.DESIGN, "chunk_bwd", design)
+    monkeypatch.setitem(chunk_module.DESIGN, "passing", passing)
+    suffix = "_tiled" if passing == "tiled" else ""
     t = leaves_of(1, 20, 2, 8, G, 16, dtype, param_dtype)
     fwd, bwd = count(lambda: transmamba_ssd_triton(
         t["x"], t["dt"], t["dt_bias"], t["A_log"], t["B"], t["C"], t["D"], 16, 3,
         dt_limit=(0.01, 5.0)), list(t.values()))
-    assert fwd == ["triton _chunk_state_fwd_kernel", "triton _state_passing_fwd_tiled_kernel",
+    assert fwd == ["triton _chunk_state_fwd_kernel", f"triton _state_passing_fwd{suffix}_kernel",
                    "triton _chunk_scan_fwd_kernel"], fwd
-    expected = ["triton _chunk_state_bwd_kernel", "triton _state_passing_bwd_tiled_kernel",
+    expected = ["triton _chunk_state_bwd_kernel", f"triton _state_passing_bwd{suffix}_kernel",
                 *CHUNK_BWD[design], "triton _ssd_finalize_kernel"]
     if G < 2:
         expected.append("triton _group_sum_kernel")

@@ -6,9 +6,10 @@
 mamba_ssm's Triton ops import from its source distribution without its CUDA extensions: put
 the sdist's ``mamba_ssm/ops/triton`` and ``mamba_ssm/utils`` under a folder with an
 ``mamba_ssm/__init__.py`` that imports nothing (``einops`` is needed). Times are medians of
-``triton.testing.do_bench`` in bf16; every row gives our time, theirs and the ratio (ours /
-theirs, lower is better), and the relative error of our output against theirs (float32
-reference: theirs in float32 inputs).
+``triton.testing.do_bench`` in bf16, eager (host launch cost included) and replayed as a CUDA
+graph (``do_bench_cudagraph``: device time); every row gives our time, theirs and the ratios
+(ours / theirs, lower is better), and the relative error of our output against theirs
+(float32 reference: theirs in float32 inputs). ``--quick``: no 64k-token SSD rows.
 
 - **SSD**: ``chunk_ssd_triton`` against ``mamba_chunk_scan_combined`` with the same inputs (raw
   dt with dt_bias and softplus inside, D skip), forward and forward+backward, at the training
@@ -47,6 +48,33 @@ from transmamba_kernels.ssd.chunk import chunk_ssd_triton  # noqa: E402
 def bench(fn) -> float:
     import triton.testing
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def bench_graph(fn):
+    """Device time: the call replayed as a CUDA graph (no host launch cost); None when the call
+    cannot be captured."""
+    import triton.testing
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+    except Exception as error:                      # e.g. a host read inside the call
+        print(f"# not capturable: {type(error).__name__}: {str(error)[:120]}", flush=True)
+        torch.cuda.synchronize()
+        return None
+
+
+def timings(ours, theirs) -> dict:
+    """{what: ms} for our and their (forward, forward+backward) callables: eager (host launch
+    cost included) and CUDA-graph replay (device only)."""
+    out = {}
+    for what, (o, t) in (("forward", (ours[0], theirs[0])),
+                         ("forward_backward", (ours[1], theirs[1]))):
+        row = {"ours_ms": bench(o), "theirs_ms": bench(t)}
+        row["ratio"] = row["ours_ms"] / row["theirs_ms"]
+        row["ours_graph_ms"], row["theirs_graph_ms"] = bench_graph(o), bench_graph(t)
+        if row["ours_graph_ms"] and row["theirs_graph_ms"]:
+            row["ratio_graph"] = row["ours_graph_ms"] / row["theirs_graph_ms"]
+        out[what] = row
+    return out
 
 
 def rel(ref, out) -> float:
@@ -100,18 +128,13 @@ def ssd_rows(mamba, shape_name, batch, T, H, G, P, N, chunks):
                     dt_softplus=True)
         err_ours = rel(ref, ours_fn())
         err_theirs = rel(ref, mamba(x, dt, A, B, C, 64, D=D, dt_bias=dt_bias, dt_softplus=True))
-    f_ours, fb_ours = fwd_bwd(ours_fn, leaves)
-    t_ours = {"forward": bench(f_ours), "forward_backward": bench(fb_ours)}
+    ours = fwd_bwd(ours_fn, leaves)
     for chunk in chunks:
         theirs_fn = lambda: mamba(x, dt, A, B, C, chunk, D=D, dt_bias=dt_bias, dt_softplus=True)
-        f_theirs, fb_theirs = fwd_bwd(theirs_fn, leaves)
-        t_theirs = {"forward": bench(f_theirs), "forward_backward": bench(fb_theirs)}
-        for what in ("forward", "forward_backward"):
+        for what, row in timings(ours, fwd_bwd(theirs_fn, leaves)).items():
             rows.append({"kernel": "ssd", "shape": shape_name, "what": what,
                          "dims": dict(B=batch, T=T, H=H, G=G, P=P, N=N),
-                         "ours_chunk": 64, "theirs_chunk": chunk,
-                         "ours_ms": t_ours[what], "theirs_ms": t_theirs[what],
-                         "ratio": t_ours[what] / t_theirs[what],
+                         "ours_chunk": 64, "theirs_chunk": chunk, **row,
                          "rel_err_ours_bf16": err_ours, "rel_err_theirs_bf16": err_theirs})
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -152,14 +175,10 @@ def core_rows(mamba, batch, T, H, G, P, N):
             if prefix is not None:       # [B, p, G, H/G*P] -> the spliced [B, T, H, P]
                 ours_out[:, :p] = prefix.reshape(batch, p, H, P)
             err = rel(theirs_fn().float(), ours_out.float())
-        f_o, fb_o = fwd_bwd(ours_fn, leaves)
-        f_t, fb_t = fwd_bwd(theirs_fn, leaves)
-        times = {"forward": (bench(f_o), bench(f_t)), "forward_backward": (bench(fb_o), bench(fb_t))}
-        for what, (ours, theirs) in times.items():
+        for what, row in timings(fwd_bwd(ours_fn, leaves), fwd_bwd(theirs_fn, leaves)).items():
             rows.append({"kernel": "mixer_core", "shape": "training", "what": what,
                          "transpoint": p, "dims": dict(B=batch, T=T, H=H, G=G, P=P, N=N),
-                         "ours_ms": ours, "theirs_ms": theirs, "ratio": ours / theirs,
-                         "rel_diff_bf16": err})
+                         **row, "rel_diff_bf16": err})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -181,9 +200,9 @@ def main() -> int:
         return 2
     start = time.time()
     rows = ssd_rows(mamba, "training", 1, 8192, 16, 16, 96, 96, (64, 256))
+    rows += core_rows(mamba, 1, 8192, 16, 16, 96, 96)
     if not args.quick:
         rows += ssd_rows(mamba, "64k_tokens", 8, 8192, 16, 16, 128, 128, (64, 256))
-    rows += core_rows(mamba, 1, 8192, 16, 16, 96, 96)
     import triton
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,

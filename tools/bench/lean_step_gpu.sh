@@ -6,6 +6,7 @@
 #   bash tools/bench/lean_step_gpu.sh 400m     # 400M, T = 8192, micro-batch 1: eager x 4, compile and CUDA graphs x 2
 #   bash tools/bench/lean_step_gpu.sh long     # 1.5B at T = 8192 and 400M at T = 32768, eager
 #   bash tools/bench/lean_step_gpu.sh kernels  # CUDA-graph check, fused ops, SSD kernels, vs mamba_ssm
+#   bash tools/bench/lean_step_gpu.sh compare  # vs mamba_ssm (training shape), 400M T = 8192 eager + graphs
 #
 # mamba_ssm's Triton ops come from its source distribution, unpacked (ops/triton and utils only,
 # no CUDA extensions) under .mamba_src/ (carry it; MAMBA_SRC names another folder); einops
@@ -54,6 +55,14 @@ case "${1:-400m}" in
     PYTHONPATH="${MAMBA_SRC:-$root/.mamba_src}:$PYTHONPATH" "$py" tools/bench/compare_mamba_ssm.py \
       --json "$out/h200_vs_mamba_ssm.json"
     ;;
-  *) echo "usage: lean_step_gpu.sh 400m|long|kernels" >&2; exit 2 ;;
+  compare)
+    PYTHONPATH="${MAMBA_SRC:-$root/.mamba_src}:$PYTHONPATH" "$py" tools/bench/compare_mamba_ssm.py \
+      --quick --json "$out/h200_vs_mamba_ssm.json"
+    "$py" tools/bench/model_throughput.py --name h200_400m_8k --seq-lengths 8192 \
+      --micro-batch-sizes 1 --variants eager,cuda_graphs "${common[@]}" \
+      --time-budget-s "${MODEL_BUDGET_S:-240}" \
+      --configs "$c/transmamba_400m.yaml,$c/transformer_400m.yaml"
+    ;;
+  *) echo "usage: lean_step_gpu.sh 400m|long|kernels|compare" >&2; exit 2 ;;
 esac
 cp "$out"/*.json docs/results/ 2>/dev/null || true
