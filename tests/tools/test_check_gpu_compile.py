@@ -20,5 +20,7 @@ def test_norm_and_conv_kernels_compile_for_sm90():
     assert "all compiled" in result.stdout
     compiled = [line for line in result.stdout.splitlines() if ": ok " in line]
     names = {line.split("] ")[1].split(" ")[0] for line in compiled}
-    assert {"_conv_fwd_kernel", "_conv_bwd_kernel", "_gated_rmsnorm_fwd_kernel",
-            "_gated_rmsnorm_bwd_kernel"} <= names
+    # the kernels of the default variants (conv: the row-walking backward; gated norm: the tile
+    # forward with the rows backward)
+    assert {"_conv_fwd_kernel", "_conv_bwd_rows_kernel", "_conv_bwd_reduce_kernel",
+            "_gated_rmsnorm_fwd_tile_kernel", "_gated_rmsnorm_bwd_kernel"} <= names, names
