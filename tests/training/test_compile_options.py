@@ -46,13 +46,15 @@ def _triton_ssd_is_a_custom_op() -> bool:
                "cannot trace Triton's launcher, so fullgraph compilation must fail")),
 ])
 def test_compiled_layers_train_like_eager_ones(data_cache, backend):
-    eager = pretrain(run_config(data_cache, model={"mixer_backend": backend}))
+    # each layer kind once and two steps: the Triton interpreter's kernels are most of the time
+    model = {"mixer_backend": backend, "layer_pattern": "TM*-"}
+    eager = pretrain(run_config(data_cache, model=model, train_iters=2))
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    compiled = pretrain(run_config(data_cache, model={"mixer_backend": backend}, compile=True))
+    compiled = pretrain(run_config(data_cache, model=model, train_iters=2, compile=True))
     # one graph per layer kind (T, M, *, -) at least, each without a break (compile_fullgraph)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before >= 4
     assert compiled.layout["compile"] and not eager.layout["compile"]
-    assert sorted(compiled.train_losses) == [1, 2, 3]
+    assert sorted(compiled.train_losses) == [1, 2]
     for step, loss in eager.train_losses.items():
         assert compiled.train_losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-5), step
 
@@ -117,11 +119,12 @@ def test_graph_capture_wiring_keeps_the_models_math(monkeypatch, residual_stream
     from megatron_transmamba.training.graphs import capture_layer_graphs
 
     model_fields = {k: v for k, v in TINY_MODEL.items() if k != "transpoint_values"}
+    model_fields["layer_pattern"] = "TM*-"                     # each layer kind once
     cfg = TransMambaConfig(**model_fields, transpoint_values=[24], use_cpu_initialization=True,
                            mixer_backend="triton" if residual_stream else "torch")
     model = TransMambaLanguageModel(cfg, vocab_size=64, init_seed=3)
     assert model.residual_stream is residual_stream
-    ids = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 64, (1, 64), generator=torch.Generator().manual_seed(0))
 
     def loss_and_grads():
         model.zero_grad()
@@ -132,9 +135,9 @@ def test_graph_capture_wiring_keeps_the_models_math(monkeypatch, residual_stream
     eager_loss, eager_grads = loss_and_grads()
     monkeypatch.setattr(torch.cuda, "make_graphed_callables",
                         lambda callables, samples, **kwargs: callables)
-    assert capture_layer_graphs([model], 2, torch.device("cpu")) == len(model.layers)
+    assert capture_layer_graphs([model], 1, torch.device("cpu")) == len(model.layers)
     modes = [layer.forward.body.mode for layer in model.layers]
-    assert modes == (["first"] + ["stream"] * 5 if residual_stream else ["plain"] * 6)
+    assert modes == (["first"] + ["stream"] * 3 if residual_stream else ["plain"] * 4)
     graphed_loss, graphed_grads = loss_and_grads()
     assert torch.equal(graphed_loss, eager_loss)
     for a, b in zip(eager_grads, graphed_grads):
