@@ -72,6 +72,19 @@ def test_command_line_overrides_win(tmp_path):
         parse_overrides(["--lr=3"])
 
 
+@pytest.mark.parametrize("pattern", ["*-*-*-*-", "*-", "*", '"*-T-"'])
+def test_a_pattern_starting_with_star_is_text_not_a_yaml_alias(pattern):
+    """The README's Transformer baseline, ``--model.layer_pattern='*-*-*-*-'`` (the shell drops
+    the quotes): a leading ``*`` is a YAML alias, so the value is taken as the text it is."""
+    cfg = load_run_config("examples/configs/tiny_cpu.yaml", [f"--model.layer_pattern={pattern}"])
+    assert cfg.model["layer_pattern"] == pattern.strip('"')
+
+
+def test_a_value_that_is_not_yaml_names_its_field():
+    with pytest.raises(ValueError, match=r"^training.lr='\[1,': expected float"):
+        load_run_config(None, ["--training.lr=[1,"])
+
+
 def test_example_configs_load():
     import glob
     files = sorted(glob.glob("examples/configs/*.yaml"))

@@ -307,7 +307,8 @@ def _validate(cfg: RunConfig) -> None:
 
 
 def parse_overrides(args: list[str]) -> dict:
-    """``--section.key=value`` (or ``--section.key value``) into a nested dict; values are YAML."""
+    """``--section.key=value`` (or ``--section.key value``) into a nested dict; values are YAML,
+    or the text as given where it is not YAML (``--model.layer_pattern=*-*-``)."""
     out: dict = {}
     i = 0
     while i < len(args):
@@ -324,8 +325,10 @@ def parse_overrides(args: list[str]) -> dict:
         section, name = key.split(".", 1)
         try:
             value = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ValueError(f"override --{key}: cannot parse value {text!r}: {err}") from None
+        except yaml.YAMLError:
+            # not YAML: the text itself, e.g. a layer pattern starting with '*' (a YAML alias);
+            # a field of another type then names itself in build_run_config's type check
+            value = text
         out.setdefault(section, {})[name] = value
         i += 1
     return out
