@@ -566,7 +566,9 @@ class Checkpointer:
 
     def load(self, chunks: list, optimizer, scheduler) -> Optional[Resumed]:
         """Restore the newest usable checkpoint in the save folder; None when there is none. A
-        damaged one is reported, moved to ``iter_<step>.corrupt`` and the previous one used."""
+        damaged one is reported, moved to ``iter_<step>.corrupt`` (``.corrupt.1``, ``.2``, ...
+        when that name is taken: a step damaged again after a resume) and the previous one
+        used."""
         found = _broadcast(checkpoint_dirs(self.save_dir) if self.rank == 0 else None)
         rejected = []
         for _, path in reversed(found):
@@ -579,9 +581,10 @@ class Checkpointer:
             listed = "; ".join(problems[:_MAX_LISTED])
             rejected.append(f"{path}: {listed}")
             if self.rank == 0:
+                moved = _unused_name(path + ".corrupt")
                 self.log(f"checkpoint {path} is damaged ({listed}): moved to "
-                         f"{os.path.basename(path)}.corrupt, trying the previous one")
-                os.replace(path, path + ".corrupt")
+                         f"{os.path.basename(moved)}, trying the previous one")
+                os.replace(path, moved)
             _barrier()
         if rejected:
             raise CheckpointError(f"no usable checkpoint in {self.save_dir}: "
@@ -710,3 +713,12 @@ def _load_per_rank_optimizer(optimizer, state: dict) -> None:
     with torch.no_grad():                                      # fp32 main weights are the model's
         for o, shard in zip(distributed, shards):
             o.load_parameter_state_from_dp_reshardable(shard)
+
+
+def _unused_name(path: str) -> str:
+    """``path``, or ``path.1``, ``path.2``, ... : the first that does not exist."""
+    candidate, n = path, 0
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}.{n}"
+    return candidate

@@ -133,6 +133,13 @@ def test_damaged_checkpoints_are_skipped_for_the_previous_one(reference, cache, 
         assert loss == reference["losses"][step], step
     assert (save / "iter_0000006.corrupt").is_dir() and (save / "iter_0000004.corrupt").is_dir()
     assert [s for s, _ in ckpt.checkpoint_dirs(str(save))] == [2, 4, 6]    # saved again
+    # the same step damaged again: its copy gets a name of its own, the resume goes on
+    distcp = sorted((save / "iter_0000006").glob("*.distcp"))[0]
+    distcp.write_bytes(distcp.read_bytes()[:1000])
+    again = P.pretrain(run_config(cache, save, resume=True))
+    assert again.resumed_from == str(save / "iter_0000004")
+    assert "moved to iter_0000006.corrupt.1" in capsys.readouterr().out
+    assert (save / "iter_0000006.corrupt").is_dir() and (save / "iter_0000006.corrupt.1").is_dir()
 
 
 def test_only_damaged_checkpoints_is_an_error(reference, tmp_path):
