@@ -19,6 +19,7 @@ from megatron_transmamba.data.tokenizer import build_tokenizer  # noqa: E402
 from megatron_transmamba.hf.export import (build_training_model, ensure_single_process_group,  # noqa: E402
                                            read_checkpoint)
 from megatron_transmamba.inference.generate import generate  # noqa: E402
+from megatron_transmamba.training.checkpoint import CheckpointError  # noqa: E402
 
 
 def sample_text(checkpoint: str, prompt: str, max_new_tokens: int = 64, sample: bool = False,
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     try:
         text = sample_text(args.checkpoint, args.prompt, args.max_new_tokens, args.sample,
                            args.temperature, args.top_k, args.seed)
-    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+    except (ValueError, FileNotFoundError, NotImplementedError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(text)

@@ -39,8 +39,9 @@ class VerificationError(RuntimeError):
 
 
 def resolve_checkpoint(path: str) -> str:
-    """An ``iter_XXXXXXX`` folder: ``path`` itself, or the newest complete one inside it."""
-    return ckpt.resolve(path)
+    """An intact ``iter_XXXXXXX`` folder: ``path`` itself, or the newest intact one inside it
+    (``checkpoint.resolve_verified``: sizes and checksums checked before anything is read)."""
+    return ckpt.resolve_verified(path)
 
 
 def model_config_from_run_config(run_config: dict) -> TransMambaConfig:

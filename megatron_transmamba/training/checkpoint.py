@@ -22,6 +22,7 @@ import contextlib
 import datetime
 import json
 import os
+import sys
 import random
 import re
 import shutil
@@ -129,6 +130,36 @@ def resolve(path: str) -> str:
         raise FileNotFoundError(f"{path}: no complete training checkpoint (iter_XXXXXXX with "
                                 f"{INFO_FILE}) in or at this path")
     return found[-1][1]
+
+
+def resolve_verified(path: str, log=lambda text: print(text, file=sys.stderr)) -> str:
+    """What tools outside the trainer read (HF export, generation): ``path`` when it is an
+    intact checkpoint, or the newest intact one in the save folder ``path``; damaged ones are
+    named (``log``) and skipped there. A damaged checkpoint named directly, or a folder with
+    no intact one, raises CheckpointError naming the damaged files, before anything is
+    loaded. Formats 1 and 2 hold no sizes or checksums and are taken as they are."""
+    if checkpoint_format(path) is not None:
+        problems = verify(path) if checkpoint_format(path) == FORMAT_VERSION else []
+        if problems:
+            older = [p for _, p in checkpoint_dirs(os.path.dirname(os.path.abspath(path)))
+                     if p != os.path.abspath(path)]
+            hint = (f"; an older one: {older[-1]}" if older else "")
+            raise CheckpointError(f"checkpoint {path} is damaged: "
+                                  f"{'; '.join(problems[:_MAX_LISTED])}{hint}")
+        return path
+    found = checkpoint_dirs(path)
+    if not found:
+        raise FileNotFoundError(f"{path}: no complete training checkpoint (iter_XXXXXXX with "
+                                f"{INFO_FILE}) in or at this path")
+    damaged = []
+    for _, candidate in reversed(found):
+        problems = verify(candidate) if checkpoint_format(candidate) == FORMAT_VERSION else []
+        if not problems:
+            return candidate
+        damaged.append(f"{candidate}: {'; '.join(problems[:_MAX_LISTED])}")
+        log(f"checkpoint {candidate} is damaged ({'; '.join(problems[:_MAX_LISTED])}): "
+            "trying the previous one")
+    raise CheckpointError(f"no intact checkpoint in {path}: " + " | ".join(damaged))
 
 
 def read_info(path: str) -> dict:

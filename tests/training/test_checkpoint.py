@@ -142,6 +142,36 @@ def test_damaged_checkpoints_are_skipped_for_the_previous_one(reference, cache, 
     assert (save / "iter_0000006.corrupt").is_dir() and (save / "iter_0000006.corrupt.1").is_dir()
 
 
+def test_export_and_generation_read_only_intact_checkpoints(reference, tmp_path, capsys):
+    """Outside the trainer (HF export, examples/generate.py) a checkpoint is verified before it
+    is read: a byte-flipped one named directly is refused, naming the file; in a save folder
+    the newest intact one is taken; a truncated one never reaches the tensor loader."""
+    import importlib
+    import sys as system
+
+    from megatron_transmamba.hf import export as E
+
+    save = tmp_path / "ckpt"
+    shutil.copytree(reference["save"], save)
+    changed = sorted((save / "iter_0000006").glob("*.distcp"))[0]
+    data = bytearray(changed.read_bytes())
+    data[-100] ^= 0xFF
+    changed.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match=rf"iter_0000006 is damaged: {changed.name}: "
+                       r"CRC-32 differs.*an older one: .*iter_0000004"):
+        E.read_checkpoint(str(save / "iter_0000006"))
+    _, _, _, step = E.read_checkpoint(str(save))
+    assert step == 4 and "iter_0000006 is damaged" in capsys.readouterr().err
+    truncated = sorted((save / "iter_0000004").glob("*.distcp"))[0]
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    system.path.insert(0, str(REPO_ROOT / "tools" / "hf"))
+    convert = importlib.import_module("convert")
+    assert convert.main(["export", str(save / "iter_0000004"), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{truncated.name} has 1000 bytes" in err[0], err
+    assert not (tmp_path / "hf").exists()
+
+
 def test_only_damaged_checkpoints_is_an_error(reference, tmp_path):
     save = tmp_path / "ckpt"
     copy_checkpoint(reference["save"], 6, save)
