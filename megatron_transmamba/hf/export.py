@@ -348,6 +348,12 @@ def export_checkpoint(checkpoint: str, output: str, verify_logits: bool = True,
     tmp = tempfile.mkdtemp(prefix=os.path.basename(output) + ".tmp-", dir=parent)
     try:
         write_hf_folder(tmp, full, config, run_config, max_shard_bytes)
+        # the user's umask, not mkdtemp's 0700 nor safetensors' 0600
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)
+        for name in os.listdir(tmp):
+            path = os.path.join(tmp, name)
+            os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
         diff = verify(tmp, full, config, tolerance) if verify_logits else None
         if os.path.exists(output):
             shutil.rmtree(output)
@@ -357,6 +363,12 @@ def export_checkpoint(checkpoint: str, output: str, verify_logits: bool = True,
         raise
     return {"step": step, "tensors": len(full), "max_abs_logit_diff": diff}
 
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_hf_folder(folder: str) -> tuple[dict, TransMambaConfig, dict]:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 
 import pytest
 import torch
@@ -50,6 +51,12 @@ def test_folder_layout(exported):
     assert config["model_type"] == "transmamba" and config["transpoints"] == [16, None, None, None, 0, None, 40, None]
     assert not [f for f in os.listdir(exported["root"]) if ".tmp" in f]
     assert "megatron_transmamba" not in (folder / "modeling_transmamba.py").read_text()
+    # the folder and its files get the user's umask, not mkdtemp's 0700
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o777 & ~mask
+    assert all(stat.S_IMODE(os.stat(folder / f).st_mode) & 0o044 == 0o644 & ~mask & 0o044
+               for f in files)
 
 
 def test_logit_parity_beyond_largest_transpoint(exported):
