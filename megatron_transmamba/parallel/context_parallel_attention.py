@@ -13,9 +13,10 @@ keys [0, p) and applies the causal mask shifted by r S (query r S + i sees keys 
 Bytes moved per layer per rank, forward: the all-gather receives (R - 1) x W x B x (G N + H P)
 elements (float32 / bf16 / float64 as the inputs), nothing when p = 0; the backward moves the
 same amount once more (a reduce-scatter; on gloo an all-reduce, about twice that). Load
-imbalance: the attention FLOPs of rank r are about (min(p, (r + 1) S)^2 - (r S)^2) / 2 rows x keys, so ranks past p are idle in attention while
-the last rank below p is the busiest. With the V9 schedule (p = 0, T/64, ..., T/2, T cyclic)
-at CP = 4 only the p = T/2 and p = T layers reach ranks 1-3 (ranks 2-3 only the p = T one);
+imbalance: the attention FLOPs of rank r are about (min(p, (r + 1) S)^2 - (r S)^2) / 2
+rows x keys, so ranks past p are idle in attention while the last rank below p is the busiest.
+With the V9 schedule (p = 0, T/64, ..., T/2, T cyclic) at CP = 4 only the p = T/2 and p = T
+layers reach ranks 1-3 (ranks 2-3 only the p = T one);
 per 8 layers ranks 0..3 do roughly 3.3, 6, 5, 7 units of S^2 / 2, i.e. the busiest rank does
 ~1.3x the mean (the SSM suffix, which is the complement, partly evens this out across the
 layer). Not done: packed documents (``cu_seqlens`` / per-document TransPoints), the
