@@ -34,35 +34,9 @@ from torch import Tensor
 
 from megatron_transmamba.layers.mixer_core import prefix_attention
 from megatron_transmamba.layers.rotary import apply_rope
+from megatron_transmamba.parallel.cp_collectives import all_gather_rows
 
 __all__ = ["context_parallel_prefix_attention"]
-
-
-class _AllGatherRows(torch.autograd.Function):
-    """All-gather [B, W, D] shards into [B, R W, D] (group order); the backward returns this
-    rank's block of the sum over ranks of the gradient. Written here instead of
-    ``torch.distributed.nn.functional.all_gather`` because that one's gloo backward scatters
-    from group rank i as if it were global rank i, which fails on a subgroup that does not
-    start at global rank 0 (torch 2.13)."""
-
-    @staticmethod
-    def forward(ctx, shard: Tensor, group) -> Tensor:
-        ctx.group = group
-        parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group=group))]
-        dist.all_gather(parts, shard.contiguous(), group=group)
-        return torch.cat(parts, dim=1)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        world, rank = dist.get_world_size(group=ctx.group), dist.get_rank(group=ctx.group)
-        blocks = [block.contiguous() for block in grad.chunk(world, dim=1)]
-        if dist.get_backend(ctx.group) == dist.Backend.GLOO:  # gloo has no reduce-scatter
-            total = torch.cat(blocks, dim=1)
-            dist.all_reduce(total, group=ctx.group)
-            return total.chunk(world, dim=1)[rank].contiguous(), None
-        mine = torch.empty_like(blocks[rank])
-        dist.reduce_scatter(mine, blocks, group=ctx.group)
-        return mine, None
 
 
 def _gather_keys_values(k: Tensor, v: Tensor, width: int, p: int, cp_group) -> tuple[Tensor, Tensor]:
@@ -74,7 +48,7 @@ def _gather_keys_values(k: Tensor, v: Tensor, width: int, p: int, cp_group) -> t
     packed = torch.cat([k.reshape(batch, rows, groups * state_dim),
                         v.reshape(batch, rows, heads * head_dim)], dim=-1)
     packed = F.pad(packed, (0, 0, 0, width - rows)).contiguous()      # [B, W, G N + H P]
-    gathered = _AllGatherRows.apply(packed, cp_group)                 # [B, R W, .]
+    gathered = all_gather_rows(packed, cp_group)                 # [B, R W, .]
     # With W = S the rows are the global tokens in order; with W = p < S only rank 0's rows
     # come before p and they come first.
     keys = gathered[:, :p, :groups * state_dim].reshape(batch, p, groups, state_dim)

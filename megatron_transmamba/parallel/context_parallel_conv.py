@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kernels.conv.naive import causal_conv1d_silu_naive
+from transmamba_kernels.conv.naive import causal_conv1d_silu_naive
 
 __all__ = ["context_parallel_causal_conv1d_silu"]
 

@@ -7,7 +7,7 @@ entering shard r is the associative scan over shards of the paper's chunk-level 
 (section 6, step 3) one level up. ``context_parallel_ssd`` scans the local shard from a zero
 state (``chunk_ssd_naive``), summarises it (``shard_summary``: log total decay [B, H] and
 final state [B, H, P, N]), all-gathers every rank's summary in ONE autograd all-gather
-(``torch.distributed.nn.functional.all_gather``, whose backward sums every rank's gradient of
+(``cp_collectives.all_gather_rows``, whose backward sums every rank's gradient of
 this rank's summary and hands it back, so d(final state) also reaches this rank through the
 later ranks that used it), composes every shard's initial state (``compose_initial_states``),
 keeps row r and rescans the shard from it; the first scan's output is discarded. Bytes moved
@@ -24,10 +24,10 @@ TransPoint live on earlier ranks); the wiring into the mixer and into the parall
 """
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 
-from kernels.ssd import chunk_ssd_naive
+from megatron_transmamba.parallel.cp_collectives import all_gather_rows
 from megatron_transmamba.parallel.state_passing import compose_initial_states, shard_summary
+from transmamba_kernels.ssd import chunk_ssd_naive
 
 __all__ = ["context_parallel_ssd"]
 
@@ -37,7 +37,7 @@ def _gather_summaries(log_decay, final_state, cp_group):
     [R, B, H, P, N] in one autograd collective (packed as [B, H + H P N])."""
     batch, heads, head_dim, state_dim = final_state.shape
     packed = torch.cat([log_decay, final_state.reshape(batch, -1)], dim=1)  # [B, H + H P N]
-    gathered = torch.stack(dist_nn.all_gather(packed, group=cp_group))  # [R, B, H + H P N]
+    gathered = all_gather_rows(packed[:, None], cp_group).transpose(0, 1)  # [R, B, H + H P N]
     log_decays = gathered[..., :heads]  # [R, B, H]
     final_states = gathered[..., heads:].reshape(-1, batch, heads, head_dim, state_dim)
     return log_decays, final_states

@@ -19,7 +19,7 @@ these same functions; ``sharded_ssd_reference`` simulates the whole protocol in 
 """
 import torch
 
-from kernels.ssd import chunk_ssd_naive
+from transmamba_kernels.ssd import chunk_ssd_naive
 
 __all__ = ["shard_summary", "compose_initial_states", "sharded_ssd_reference"]
 

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kernels.conv.naive import causal_conv1d_silu_naive
+from transmamba_kernels.conv.naive import causal_conv1d_silu_naive
 from megatron_transmamba.parallel.context_parallel_conv import context_parallel_causal_conv1d_silu
 
 BATCH, SEQLEN, CHANNELS, WIDTH = 2, 32, 6, 4

@@ -17,7 +17,7 @@ if __name__ == "__main__":  # torchrun puts this folder, not the repository root
 import pytest
 import torch
 
-from kernels.ssd import chunk_ssd_naive
+from transmamba_kernels.ssd import chunk_ssd_naive
 from megatron_transmamba.parallel.context_parallel_ssd import context_parallel_ssd
 
 BATCH, SEQLEN, HEADS, GROUPS, HEAD_DIM, STATE_DIM, CHUNK = 2, 64, 4, 2, 3, 5, 16
@@ -44,6 +44,27 @@ def _inputs():
     return [x, dt, A, B, C, D], weight
 
 
+def _errors(dist, cp_group, inputs, weight, full) -> tuple[dict, dict]:
+    """This rank's errors against the full scan when ``cp_group`` holds the whole sequence."""
+    cp_size, cp_rank = dist.get_world_size(group=cp_group), dist.get_rank(group=cp_group)
+    length = SEQLEN // cp_size
+    tokens = slice(cp_rank * length, (cp_rank + 1) * length)
+    sharded = {0, 1, 3, 4}  # x, dt, B, C carry T; A and D are replicated
+    local = [(t[:, tokens] if i in sharded else t).clone().requires_grad_() for i, t in enumerate(inputs)]
+    y = context_parallel_ssd(*local[:5], CHUNK, D=local[5], cp_group=cp_group)
+    (y * weight[:, tokens]).sum().backward()  # the loss is the sum of these over the group
+    errors = {"y": (y - full["y"][:, tokens]).abs().max().item()}
+    for i, (name, mine, ref) in enumerate(zip(NAMES, local, full["leaves"])):
+        grad = mine.grad.clone()
+        if i in sharded:
+            ref_grad = ref.grad[:, tokens]
+        else:
+            dist.all_reduce(grad, group=cp_group)
+            ref_grad = ref.grad
+        errors[f"d{name}"] = (grad - ref_grad).abs().max().item()
+    return errors, {"local_seqlen": local[0].shape[1], "grad_norm_dx": local[0].grad.norm().item()}
+
+
 def _worker(out_dir: Path) -> None:
     import torch.distributed as dist
 
@@ -52,29 +73,18 @@ def _worker(out_dir: Path) -> None:
     cp_group = dist.new_group(list(range(world)))
     inputs, weight = _inputs()
 
-    full = [t.clone().requires_grad_() for t in inputs]
-    y_ref = chunk_ssd_naive(*full[:5], CHUNK, D=full[5])
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    y_ref = chunk_ssd_naive(*leaves[:5], CHUNK, D=leaves[5])
     (y_ref * weight).sum().backward()
+    full = {"y": y_ref, "leaves": leaves}
 
-    length = SEQLEN // world
-    tokens = slice(rank * length, (rank + 1) * length)
-    sharded = {0, 1, 3, 4}  # x, dt, B, C carry T; A and D are replicated
-    local = [(t[:, tokens] if i in sharded else t).clone().requires_grad_() for i, t in enumerate(inputs)]
-    y = context_parallel_ssd(*local[:5], CHUNK, D=local[5], cp_group=cp_group)
-    (y * weight[:, tokens]).sum().backward()  # the loss is the sum of these over ranks
-
-    errors = {"y": (y - y_ref[:, tokens]).abs().max().item()}
-    for i, (name, mine, ref) in enumerate(zip(NAMES, local, full)):
-        grad = mine.grad.clone()
-        if i in sharded:
-            ref_grad = ref.grad[:, tokens]
-        else:
-            dist.all_reduce(grad, group=cp_group)
-            ref_grad = ref.grad
-        errors[f"d{name}"] = (grad - ref_grad).abs().max().item()
-    layout = {"world": world, "cp_size": dist.get_world_size(group=cp_group),
-              "local_seqlen": local[0].shape[1], "grad_norm_dx": local[0].grad.norm().item()}
-    (out_dir / f"rank{rank}.json").write_text(json.dumps({"errors": errors, "layout": layout}))
+    errors, local = _errors(dist, cp_group, inputs, weight, full)
+    result = {"errors": errors, "layout": {"world": world,
+                                           "cp_size": dist.get_world_size(group=cp_group), **local}}
+    if world == 4:   # CP = 2 groups {0, 1} and {2, 3}: one does not start at global rank 0
+        halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        result["subgroup_errors"], _ = _errors(dist, halves[rank // 2], inputs, weight, full)
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
@@ -91,6 +101,9 @@ def test_context_parallel_equals_full_scan(cp, tmp_path):
         assert layout["grad_norm_dx"] > 0
         bad = {k: v for k, v in report["errors"].items() if not v <= TOL}
         assert not bad, f"CP = {cp}, rank {rank}: max abs errors above {TOL}: {bad}"
+        if cp == 4:   # the CP = 2 subgroups inside the 4 ranks
+            bad = {k: v for k, v in report["subgroup_errors"].items() if not v <= TOL}
+            assert not bad, f"CP = 2 subgroup, rank {rank}: max abs errors above {TOL}: {bad}"
 
 
 def test_no_group_is_the_plain_scan():

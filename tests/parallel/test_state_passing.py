@@ -3,7 +3,7 @@ scan (forward and backward, float64) and the shard composition against a sequent
 import pytest
 import torch
 
-from kernels.ssd import chunk_ssd_naive
+from transmamba_kernels.ssd import chunk_ssd_naive
 from megatron_transmamba.parallel.state_passing import (
     compose_initial_states,
     shard_summary,
