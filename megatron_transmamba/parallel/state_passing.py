@@ -20,17 +20,10 @@ these same functions; ``sharded_ssd_reference`` simulates the whole protocol in 
 import torch
 
 from transmamba_kernels.ssd import chunk_ssd_naive
+# float32, or float64 when any input is float64: the SSD references' precision
+from transmamba_kernels.ssd.naive import _compute_dtype
 
 __all__ = ["shard_summary", "compose_initial_states", "sharded_ssd_reference"]
-
-
-def _state_dtype(*tensors):
-    """float32, or float64 when any input is float64 (the precision of the SSD references)."""
-    dtype = torch.float32
-    for tensor in tensors:
-        if tensor is not None:
-            dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
 
 
 def shard_summary(dt, A, final_state):
@@ -54,7 +47,7 @@ def shard_summary(dt, A, final_state):
         raise ValueError(
             f"final_state must be [B, H, P, N] = [{batch}, {heads}, P, N], got {tuple(final_state.shape)}"
         )
-    dtype = _state_dtype(dt, A, final_state)
+    dtype = _compute_dtype(dt, A, final_state)
     log_decay = (dt.to(dtype) * A.to(dtype)).sum(dim=1)  # [B, H]
     return log_decay, final_state.to(dtype)
 
@@ -83,7 +76,7 @@ def compose_initial_states(log_decays, final_states, initial_state=None):
             f"initial_state must be [B, H, P, N] = {list(final_states.shape[1:])}, "
             f"got {tuple(initial_state.shape)}"
         )
-    dtype = _state_dtype(log_decays, final_states, initial_state)
+    dtype = _compute_dtype(log_decays, final_states, initial_state)
     log_decays, final_states = log_decays.to(dtype), final_states.to(dtype)
     shards = log_decays.shape[0]
     index = torch.arange(shards, device=log_decays.device)

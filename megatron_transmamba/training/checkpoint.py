@@ -138,27 +138,26 @@ def resolve_verified(path: str, log=lambda text: print(text, file=sys.stderr)) -
     named (``log``) and skipped there. A damaged checkpoint named directly, or a folder with
     no intact one, raises CheckpointError naming the damaged files, before anything is
     loaded. Formats 1 and 2 hold no sizes or checksums and are taken as they are."""
-    if checkpoint_format(path) is not None:
-        problems = verify(path) if checkpoint_format(path) == FORMAT_VERSION else []
+    def problems_of(folder: str) -> str:
+        found = verify(folder) if checkpoint_format(folder) == FORMAT_VERSION else []
+        return "; ".join(found[:_MAX_LISTED])
+
+    newest = resolve(path)                  # FileNotFoundError when there is no checkpoint
+    if newest == path:                      # a checkpoint named directly
+        problems = problems_of(path)
         if problems:
-            older = [p for _, p in checkpoint_dirs(os.path.dirname(os.path.abspath(path)))
-                     if p != os.path.abspath(path)]
-            hint = (f"; an older one: {older[-1]}" if older else "")
-            raise CheckpointError(f"checkpoint {path} is damaged: "
-                                  f"{'; '.join(problems[:_MAX_LISTED])}{hint}")
+            steps = checkpoint_dirs(os.path.dirname(os.path.abspath(path)))
+            older = [p for _, p in steps if p < os.path.abspath(path)]
+            hint = f"; an older one: {older[-1]}" if older else ""
+            raise CheckpointError(f"checkpoint {path} is damaged: {problems}{hint}")
         return path
-    found = checkpoint_dirs(path)
-    if not found:
-        raise FileNotFoundError(f"{path}: no complete training checkpoint (iter_XXXXXXX with "
-                                f"{INFO_FILE}) in or at this path")
     damaged = []
-    for _, candidate in reversed(found):
-        problems = verify(candidate) if checkpoint_format(candidate) == FORMAT_VERSION else []
+    for _, candidate in reversed(checkpoint_dirs(path)):
+        problems = problems_of(candidate)
         if not problems:
             return candidate
-        damaged.append(f"{candidate}: {'; '.join(problems[:_MAX_LISTED])}")
-        log(f"checkpoint {candidate} is damaged ({'; '.join(problems[:_MAX_LISTED])}): "
-            "trying the previous one")
+        damaged.append(f"{candidate}: {problems}")
+        log(f"checkpoint {candidate} is damaged ({problems}): trying the previous one")
     raise CheckpointError(f"no intact checkpoint in {path}: " + " | ".join(damaged))
 
 

@@ -46,8 +46,7 @@ from megatron_transmamba.training.graphs import (capturable_streams, capture_lay
                                                  check_compile, check_cuda_graphs, compile_layers)
 from megatron_transmamba.training.multi_tensor import (install_foreach_multi_tensor_ops,
                                                        use_few_kernel_steps)
-from megatron_transmamba.training.optimizer_step import (StepRecords, device_step, optimizer_step,
-                                                         skips_on_device)
+from megatron_transmamba.training.optimizer_step import StepRecords, device_step, skips_on_device
 from megatron_transmamba.training.profiling import StepProfiler
 from megatron_transmamba.training.metrics import (Throughput, format_bytes, memory_estimate_bytes,
                                                   peak_tflops, throughput)
