@@ -1,7 +1,7 @@
 """Our SSD and mixer core against mamba_ssm's Triton SSD (and SDPA) in one process, on a GPU.
 
     PYTHONPATH=<mamba_ssm source>:$PYTHONPATH python tools/bench/compare_mamba_ssm.py \
-        [--json docs/results/<name>.json] [--quick]
+        [--json docs/results/<name>.json] [--quick] [--training-chunks 64,256] [--long-chunks 64,256]
 
 mamba_ssm's Triton ops import from its source distribution without its CUDA extensions: put
 the sdist's ``mamba_ssm/ops/triton`` and ``mamba_ssm/utils`` under a folder with an
@@ -9,7 +9,9 @@ the sdist's ``mamba_ssm/ops/triton`` and ``mamba_ssm/utils`` under a folder with
 ``triton.testing.do_bench`` in bf16, eager (host launch cost included) and replayed as a CUDA
 graph (``do_bench_cudagraph``: device time); every row gives our time, theirs and the ratios
 (ours / theirs, lower is better), and the relative error of our output against theirs
-(float32 reference: theirs in float32 inputs). ``--quick``: no 64k-token SSD rows.
+(float32 reference: theirs in float32 inputs). ``--quick``: no 64k-token SSD rows. Each of
+mamba_ssm's chunk sizes costs its autotuning (minutes per shape): ``--training-chunks`` and
+``--long-chunks`` choose theirs at the two shapes (ours is always 64).
 
 - **SSD**: ``chunk_ssd_triton`` against ``mamba_chunk_scan_combined`` with the same inputs (raw
   dt with dt_bias and softplus inside, D skip), forward and forward+backward, at the training
@@ -187,6 +189,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the records here")
     parser.add_argument("--quick", action="store_true", help="training shape only")
+    parser.add_argument("--training-chunks", default="64,256",
+                        help="mamba_ssm's chunk sizes at the training shape")
+    parser.add_argument("--long-chunks", default="64,256",
+                        help="mamba_ssm's chunk sizes at 64k tokens")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("compare_mamba_ssm: needs a GPU", file=sys.stderr)
@@ -198,26 +204,37 @@ def main() -> int:
         print(f"compare_mamba_ssm: mamba_ssm's Triton ops do not import ({error}); see the "
               "module docstring", file=sys.stderr)
         return 2
-    start = time.time()
-    rows = ssd_rows(mamba, "training", 1, 8192, 16, 16, 96, 96, (64, 256))
-    rows += core_rows(mamba, 1, 8192, 16, 16, 96, 96)
-    if not args.quick:
-        rows += ssd_rows(mamba, "64k_tokens", 8, 8192, 16, 16, 128, 128, (64, 256))
     import triton
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip() or None
     except OSError:
         commit = None
-    record = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-              "git": commit, "machine": torch.cuda.get_device_name(), "host": platform.node(),
-              "versions": {"torch": torch.__version__, "triton": triton.__version__,
-                           "mamba_ssm": getattr(mamba_ssm, "__version__", None)},
-              "seconds": time.time() - start, "rows": rows}
-    if args.json:
+    start = time.time()
+    rows = []
+
+    def save() -> None:
+        """The record so far: a call stopped by its time limit keeps the finished rows."""
+        if not args.json:
+            return
+        record = {"command": " ".join(sys.argv),
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "git": commit,
+                  "machine": torch.cuda.get_device_name(), "host": platform.node(),
+                  "versions": {"torch": torch.__version__, "triton": triton.__version__,
+                               "mamba_ssm": getattr(mamba_ssm, "__version__", None)},
+                  "seconds": time.time() - start, "rows": rows}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)
+
+    chunks = lambda text: tuple(int(c) for c in text.split(",") if c)
+    rows += ssd_rows(mamba, "training", 1, 8192, 16, 16, 96, 96, chunks(args.training_chunks))
+    save()
+    rows += core_rows(mamba, 1, 8192, 16, 16, 96, 96)
+    save()
+    if not args.quick:
+        rows += ssd_rows(mamba, "64k_tokens", 8, 8192, 16, 16, 128, 128, chunks(args.long_chunks))
+        save()
     return 0
 
 

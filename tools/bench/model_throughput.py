@@ -238,6 +238,27 @@ def main(argv=None) -> int:
     def over_budget() -> bool:
         return args.time_budget_s is not None and time.time() - start > args.time_budget_s
 
+    out, out_path = None, os.path.join(args.out_dir, f"{args.name}.json")
+
+    def save() -> None:
+        """Write the records so far: a run stopped by its time limit keeps the finished ones.
+        Sorted by T, micro-batch and variant ('auto' finds its sizes config by config)."""
+        nonlocal out
+        records.sort(key=lambda r: (r["T"], r["micro_batch"], variants.index(r["variant"])))
+        ratios = add_ratios(records)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        out = {"name": args.name, "device": device, "versions": _versions(),
+               "git": _git_commit(),
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "command": " ".join(shlex.quote(a) for a in [sys.argv[0], *argv]),
+               "steps": args.steps, "warmup": args.warmup, "overrides": overrides,
+               "peak_tflops": args.peak_tflops, "matmul_peak_tflops": args.matmul_peak_tflops,
+               "seconds": time.time() - start, "ratio_to_transformer": ratios,
+               "records": records}
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(out_path, "w") as f:
+            json.dump(out, f, indent=1)
+
     # variant outermost: a failed CUDA graph capture can leave the process's CUDA state
     # unusable, so list cuda_graphs last and the other variants are measured first
     for variant in variants:
@@ -255,29 +276,17 @@ def main(argv=None) -> int:
                           flush=True)
                     record = run_one(path, seq_length, micro_batch, variant, args, overrides)
                     records.append(record)
+                    save()
                     print(f"== {record['status']}"
                           + (f" {record['step_ms']:.1f} ms a step" if record["status"] == "ok"
                              else f" {record['error']}"), flush=True)
                     if auto and record["status"] == "ok" and micro_batch < MAX_AUTO_MICRO_BATCH:
                         sizes.append(2 * micro_batch)
-    # by T, micro-batch and variant ('auto' finds its micro-batch sizes config by config)
-    records.sort(key=lambda r: (r["T"], r["micro_batch"], variants.index(r["variant"])))
-    ratios = add_ratios(records)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    out = {"name": args.name, "device": device, "versions": _versions(), "git": _git_commit(),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None
-                                                                       else sys.argv[1:])]),
-           "steps": args.steps, "warmup": args.warmup, "overrides": overrides,
-           "peak_tflops": args.peak_tflops, "matmul_peak_tflops": args.matmul_peak_tflops,
-           "seconds": time.time() - start, "ratio_to_transformer": ratios, "records": records}
-    os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, f"{args.name}.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
+    save()
+    device = out["device"]
     print(f"\n{device}, torch {out['versions']['torch']}, triton {out['versions']['triton']}, "
           f"megatron-core {out['versions']['megatron-core']}, {out['date']}, git {out['git']}; "
-          f"median of steps {args.warmup + 1}-{args.steps}; {path}\n")
+          f"median of steps {args.warmup + 1}-{args.steps}; {out_path}\n")
     print(table(records))
     return 0
 
