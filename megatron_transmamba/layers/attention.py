@@ -5,7 +5,13 @@ make the Transformer baseline unfairly slow and memory-hungry; this module has t
 constructor and forward signature and calls ``F.scaled_dot_product_attention`` (flash / cuDNN /
 memory-efficient kernels on GPU). Transformer Engine's attention replaces it when installed
 (``models/specs.py``). With packed documents (``PackedDocuments`` as ``packed_seq_params``) it is
-causal inside each document (``document_attention``: a few padded SDPA calls, exact).
+causal inside each document (``document_attention``: a few padded SDPA calls, exact). Under
+context parallelism (the CP group of megatron-core's ``pg_collection.cp`` has R > 1 ranks) each
+rank holds a contiguous shard [r S, (r + 1) S) of the sequence, its Q and K already rotated at
+those global positions (the model passes the RoPE table rows [r S, (r + 1) S) as
+``rotary_pos_emb``), and computes its rows of full causal attention through
+``parallel/context_parallel_attention.context_parallel_causal_attention`` (an all-gather of K
+and V).
 """
 
 from __future__ import annotations
@@ -18,25 +24,42 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import get_pg_size
 from torch import Tensor
 
 from megatron_transmamba.layers.packed_documents import PackedDocuments, document_attention
+from megatron_transmamba.parallel.context_parallel_attention import (
+    context_parallel_causal_attention)
 
 
 class SDPAttention(MegatronModule):
-    """Causal multi-head / grouped-query attention on megatron layouts [S, B, heads, dim]."""
+    """Causal multi-head / grouped-query attention on megatron layouts [S, B, heads, dim].
+
+    ``pg_collection``: megatron-core's ``ProcessGroupCollection`` (SelfAttention passes its own);
+    only ``cp`` is read, and its size must equal ``config.context_parallel_size``.
+    ``cp_comm_type`` is accepted for megatron-core's signature and ignored (one all-gather).
+    """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout: Optional[float] = None,
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
                  pg_collection=None):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("context_parallel_size > 1 needs Transformer Engine attention for '*' layers")
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
             raise ValueError(f"SDPAttention supports causal masks only, got {attn_mask_type}")
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        self.cp_group = getattr(pg_collection, "cp", None)
+        self.cp_size = get_pg_size(self.cp_group)
+        if self.cp_size != config.context_parallel_size:
+            raise ValueError(f"context_parallel_size={config.context_parallel_size} but the CP "
+                             f"group has {self.cp_size} rank(s): pass megatron-core's "
+                             "pg_collection with its cp group")
+        if self.cp_size > 1 and self.dropout > 0:
+            # every CP rank draws from the same seed, so shards would share dropout patterns
+            raise ValueError(f"attention_dropout={self.dropout} with context_parallel_size="
+                             f"{self.cp_size}: attention dropout is not supported under context "
+                             "parallelism, set attention_dropout: 0")
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
@@ -47,6 +70,17 @@ class SDPAttention(MegatronModule):
             raise NotImplementedError("SDPAttention: attention bias and THD packed sequences "
                                       "need Transformer Engine attention")
         seq_len, batch, heads, dim = query.shape
+        if self.cp_size > 1:
+            if packed_seq_params is not None:
+                raise NotImplementedError("SDPAttention: packed documents with context "
+                                          "parallelism are not supported yet")
+            if key.shape[0] != seq_len:
+                raise NotImplementedError("SDPAttention: a key/value cache (inference) with "
+                                          "context parallelism is not supported")
+            q, k, v = (t.transpose(0, 1) for t in (query, key, value))    # [B, S, heads, d]
+            out = context_parallel_causal_attention(q, k, v, self.cp_size * seq_len,
+                                                    self.softmax_scale, self.cp_group)
+            return out.transpose(0, 1).reshape(seq_len, batch, heads * dim)
         dropout = self.dropout if self.training else 0.0
         if packed_seq_params is None:
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [B, heads, S, d]
@@ -74,7 +108,10 @@ class SelfAttentionFusedRope(SelfAttention):
     this forward runs the fused QKV projection, ``rope_qk_triton`` (both tensors, one kernel each
     way, reading the projection's views in place; the table may be per document,
     [S, B, 1, dim]), the core attention and the output projection. Everything else (inference,
-    output gates, partial or interleaved RoPE) is megatron-core's own forward.
+    output gates, partial or interleaved RoPE) is megatron-core's own forward. Neither path does
+    anything context-parallel: under CP ``rotary_pos_emb`` is this shard's rows of the global
+    table (megatron-core's bshd ``apply_rotary_pos_emb`` reads its cp_group only for THD input)
+    and the core attention gathers the keys and values.
     """
 
     def __init__(self, config, submodules, *args, **kwargs):

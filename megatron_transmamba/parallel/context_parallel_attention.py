@@ -1,28 +1,32 @@
-"""Context-parallel (CP) attention prefix of a TransMamba layer: the distributed form of
-``prefix_attention``.
+"""Context-parallel (CP) causal softmax attention: the ``*`` layers and the TransMamba prefix.
 
-Rank r of the CP group holds tokens [r S, (r + 1) S). Tokens t < p (the TransPoint) take causal
-grouped softmax attention ``y_t = sum_{s <= t} softmax_s(q_t . k_s * scale) v_s`` with
-Q = C, K = B (both rotated by RoPE at their GLOBAL positions when it is on) and V = x, one Q/K
-group serving H/G value heads (DESIGN.md section 1, step 5). Queries stay local: rank r owns
-L_r = clamp(p - r S, 0, S) query rows; their keys 0..r S + i live on ranks 0..r, so every rank
-all-gathers the rotated K and V of its first W = min(S, p) rows (rows >= p zero-padded) in ONE
-autograd all-gather (``_AllGatherRows``, whose backward hands every rank the sum of all
-ranks' gradients of its rows, so dK and dV reach the earlier ranks), keeps
-keys [0, p) and applies the causal mask shifted by r S (query r S + i sees keys 0..r S + i).
-Bytes moved per layer per rank, forward: the all-gather receives (R - 1) x W x B x (G N + H P)
-elements (float32 / bf16 / float64 as the inputs), nothing when p = 0; the backward moves the
-same amount once more (a reduce-scatter; on gloo an all-reduce, about twice that). Load
-imbalance: the attention FLOPs of rank r are about (min(p, (r + 1) S)^2 - (r S)^2) / 2
-rows x keys, so ranks past p are idle in attention while the last rank below p is the busiest.
-With the V9 schedule (p = 0, T/64, ..., T/2, T cyclic) at CP = 4 only the p = T/2 and p = T
-layers reach ranks 1-3 (ranks 2-3 only the p = T one);
-per 8 layers ranks 0..3 do roughly 3.3, 6, 5, 7 units of S^2 / 2, i.e. the busiest rank does
-~1.3x the mean (the SSM suffix, which is the complement, partly evens this out across the
-layer). Not done: packed documents (``cu_seqlens`` / per-document TransPoints), the
-Triton / flash path (this uses ``F.scaled_dot_product_attention`` with an explicit boolean
-mask), a ring (send/recv of K/V blocks overlapped with compute, and skipping the ranks past p)
-instead of the all-gather, and the wiring into the mixer and the parallel state.
+Rank r of the CP group holds global tokens [r S, (r + 1) S). ``context_parallel_causal_attention``
+is the one implementation of causal attention ``y_t = sum_{s <= t} softmax_s(q_t . k_s * scale)
+v_s`` over keys [0, p) for this rank's queries (q, k rotated at their GLOBAL positions): a ``*``
+layer (megatron-core SelfAttention, GQA) is p = T; the TransMamba prefix (DESIGN.md section 1,
+step 5: Q = C, K = B, V = x, one Q/K group serving H/G value heads) is
+``context_parallel_prefix_attention``, the same call with the group's H/G heads of x as one wide
+value. Rank r owns L_r = clamp(p - r S, 0, S) query rows; their keys 0..r S + i live on ranks
+0..r, so every rank all-gathers the K and V of its first W = min(S, p) rows (rows >= p
+zero-padded) in ONE autograd all-gather (``cp_collectives.all_gather_rows``, whose backward
+hands every rank the sum of all ranks' gradients of its rows, so dK and dV reach the earlier
+ranks) and attends over keys [0, r S + L_r) with the lower-right-aligned causal mask (query
+r S + i sees keys 0..r S + i): ``causal_lower_right``, which SDPA runs without materialising a
+mask where a flash / memory-efficient kernel takes it (CUDA), and as a boolean mask otherwise.
+Bytes per layer per rank, forward: the all-gather receives (R - 1) x W x B x hk (d + dv)
+elements in the inputs' dtype (a ``*`` layer: (R - 1) / R of the whole sequence's K and V;
+nothing when p = 0), and the gathered [B, R W, hk (d + dv)] buffer stays alive for the backward
+(R times the local K and V); the backward moves the same amount once more (a reduce-scatter; on
+gloo an all-reduce, about twice that). Load imbalance: rank r scores about
+(min(p, (r + 1) S)^2 - (r S)^2) / 2 query-key pairs, so with p = T rank r does (2 r + 1) S^2 / 2
+and the last rank about (2 R - 1) / R ~ 2x the mean; ranks past p are idle. megatron-core's
+zigzag split (rank r holds chunks r and 2R - 1 - r of 2R) would balance a ``*`` layer, but the
+SSM state passing of the T / M layers needs contiguous shards (rank r's scan starts from rank
+r - 1's final state) and the residual stream keeps one layout for every layer, so shards stay
+contiguous. With the V9 TransPoint schedule at CP = 4 the TransMamba prefix does per 8 layers
+roughly 3.3, 6, 5, 7 units of S^2 / 2 on ranks 0..3 (~1.3x the mean; the SSM suffix, the
+complement, partly evens this out). Not done: packed documents, a ring (send/recv of K/V blocks
+overlapped with compute, skipping ranks past p) instead of the all-gather, attention dropout.
 """
 from functools import partial
 from typing import Optional
@@ -31,29 +35,82 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
 from megatron_transmamba.layers.mixer_core import prefix_attention
 from megatron_transmamba.layers.rotary import apply_rope
 from megatron_transmamba.parallel.cp_collectives import all_gather_rows
 
-__all__ = ["context_parallel_prefix_attention"]
+__all__ = ["context_parallel_causal_attention", "context_parallel_prefix_attention"]
 
 
-def _gather_keys_values(k: Tensor, v: Tensor, width: int, p: int, cp_group) -> tuple[Tensor, Tensor]:
-    """All-gather every rank's rotated keys k [B, L_r, G, N] and values v [B, L_r, H, P]
-    (L_r <= width rows, padded to ``width``) in one autograd collective; returns the keys
-    [B, p, G, N] and values [B, p, H, P] of global tokens [0, p)."""
-    batch, rows, groups, state_dim = k.shape
-    heads, head_dim = v.shape[2:]
-    packed = torch.cat([k.reshape(batch, rows, groups * state_dim),
-                        v.reshape(batch, rows, heads * head_dim)], dim=-1)
-    packed = F.pad(packed, (0, 0, 0, width - rows)).contiguous()      # [B, W, G N + H P]
-    gathered = all_gather_rows(packed, cp_group)                 # [B, R W, .]
-    # With W = S the rows are the global tokens in order; with W = p < S only rank 0's rows
-    # come before p and they come first.
-    keys = gathered[:, :p, :groups * state_dim].reshape(batch, p, groups, state_dim)
-    values = gathered[:, :p, groups * state_dim:].reshape(batch, p, heads, head_dim)
+def _gather_keys_values(k: Tensor, v: Tensor, width: int, cp_group) -> tuple[Tensor, Tensor]:
+    """All-gather every rank's keys k [B, L, hk, d] and values v [B, L, hk, dv] (L <= width
+    rows, zero-padded to ``width``) in one autograd collective; returns keys [B, R W, hk, d] and
+    values [B, R W, hk, dv], rank r's rows at r W (views of one buffer)."""
+    batch, rows, heads, key_dim = k.shape
+    value_dim = v.shape[3]
+    packed = torch.cat([k.reshape(batch, rows, heads * key_dim),
+                        v.reshape(batch, rows, heads * value_dim)], dim=-1)  # [B, L, hk (d + dv)]
+    packed = F.pad(packed, (0, 0, 0, width - rows)).contiguous()          # [B, W, .]
+    gathered = all_gather_rows(packed, cp_group)                          # [B, R W, .]
+    total = gathered.shape[1]
+    keys = gathered[..., :heads * key_dim].reshape(batch, total, heads, key_dim)
+    values = gathered[..., heads * key_dim:].reshape(batch, total, heads, value_dim)
     return keys, values
+
+
+def context_parallel_causal_attention(q: Tensor, k: Tensor, v: Tensor, p: int, softmax_scale: float,
+                                      cp_group=None, shard_len: Optional[int] = None) -> Tensor:
+    """Causal attention over keys [0, p) for the queries of this CP shard.
+
+    Args:
+        q: [B, L, hq, d], k: [B, L, hk, d], v: [B, L, hk, dv]: the first L rows of this rank's
+            shard (global tokens [r S, r S + L)), q and k rotated at their global positions;
+            hq a multiple of hk (grouped-query attention). L >= L_r: rows from L_r on are not
+            read, so a caller may pass only the rows before p.
+        p: keys [0, p) take part, 0 <= p <= R S, the same on every rank (R S for full causal
+            attention).
+        softmax_scale: the softmax temperature.
+        cp_group: the CP process group, ranks in sequence order; None or size 1: one process.
+        shard_len: S, the tokens per rank (default L: the whole shard was passed).
+
+    Returns:
+        [B, L_r, hq, dv], L_r = clamp(p - r S, 0, S): the rows of full-sequence causal attention
+        for this rank's tokens before p (empty on ranks past p). Every rank must call this (the
+        all-gather is collective) and, when training, run the backward through its output even
+        when it is empty (the all-gather's backward is collective too).
+    """
+    world = 1 if cp_group is None else dist.get_world_size(group=cp_group)
+    rank = 0 if world == 1 else dist.get_rank(group=cp_group)
+    batch, given, q_heads, _ = q.shape
+    kv_heads, value_dim = v.shape[2:]
+    shard = given if shard_len is None else shard_len
+    if not 0 <= p <= world * shard:
+        raise ValueError(f"p = {p} outside [0, {world * shard}] (CP = {world}, S = {shard})")
+    if q_heads % kv_heads:
+        raise ValueError(f"{q_heads} query heads are not a multiple of {kv_heads} key/value heads")
+    start = rank * shard
+    rows = min(shard, max(0, p - start))                                   # L_r
+    if given < rows:
+        raise ValueError(f"rank {rank} owns {rows} query rows before p = {p} but got {given}")
+    if p == 0:  # no rank has queries; p is the same everywhere, so no collective is skipped
+        return v[:, :0, :1].expand(batch, 0, q_heads, value_dim)
+    keys_end = start + rows if rows else 0               # query r S + i sees keys 0..r S + i
+    if world == 1:
+        keys, values = k[:, :keys_end], v[:, :keys_end]
+    else:
+        # With W = S the gathered rows are the global tokens in order; with W = p < S only
+        # rank 0 has rows, and they come first.
+        keys, values = _gather_keys_values(k[:, :rows], v[:, :rows], min(shard, p), cp_group)
+        keys, values = keys[:, :keys_end], values[:, :keys_end]
+    if rows == 0:  # keep the output on the all-gather's graph so this rank joins its backward
+        return values[:, :, :1].expand(batch, 0, q_heads, value_dim)
+    out = F.scaled_dot_product_attention(
+        q[:, :rows].transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=causal_lower_right(rows, keys_end), scale=softmax_scale,
+        enable_gqa=q_heads != kv_heads)                                    # [B, hq, L_r, dv]
+    return out.transpose(1, 2)
 
 
 def context_parallel_prefix_attention(x: Tensor, B: Tensor, C: Tensor, p: int, softmax_scale: float,
@@ -79,27 +136,16 @@ def context_parallel_prefix_attention(x: Tensor, B: Tensor, C: Tensor, p: int, s
     if cp_group is None or dist.get_world_size(group=cp_group) == 1:
         rotary = None if rope_table is None else partial(apply_rope, table=rope_table)
         return prefix_attention(x, B, C, p, softmax_scale, rotary)
-    world, rank = dist.get_world_size(group=cp_group), dist.get_rank(group=cp_group)
     batch, shard, heads, head_dim = x.shape
-    if not 0 <= p <= world * shard:
-        raise ValueError(f"TransPoint {p} outside [0, {world * shard}] (CP = {world}, S = {shard})")
-    if p == 0:  # no rank has prefix tokens; p is the same everywhere, so no collective is skipped
+    groups = B.shape[2]
+    if p == 0:
         return x[:, :0]
-    start = rank * shard
-    rows = min(shard, max(0, p - start))                                   # L_r
-    width = min(shard, p)                                                  # W
+    start = dist.get_rank(group=cp_group) * shard
+    rows = min(shard, max(0, p - start))              # only these rows are rotated and sent
     k, q = B[:, :rows], C[:, :rows]
     if rope_table is not None:
         table = rope_table[start:]                                         # global positions
         k, q = apply_rope(k, table), apply_rope(q, table)
-    keys, values = _gather_keys_values(k, x[:, :rows], width, p, cp_group)
-    if rows == 0:  # keep the output on the all-gather's graph so this rank joins its backward
-        return values[:, :0]
-    groups = k.shape[2]
-    visible = (torch.arange(p, device=x.device)[None, :]
-               <= torch.arange(start, start + rows, device=x.device)[:, None])  # [L_r, p]
-    v_grouped = values.reshape(batch, p, groups, (heads // groups) * head_dim)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), keys.transpose(1, 2), v_grouped.transpose(1, 2),
-        attn_mask=visible, scale=softmax_scale)                            # [B, G, L_r, H/G P]
-    return out.transpose(1, 2).reshape(batch, rows, heads, head_dim)
+    v = x[:, :rows].reshape(batch, rows, groups, (heads // groups) * head_dim)  # one wide value
+    y = context_parallel_causal_attention(q, k, v, p, softmax_scale, cp_group, shard_len=shard)
+    return y.reshape(batch, rows, heads, head_dim)                         # [B, L_r, H, P]
