@@ -30,18 +30,21 @@ class TransMambaLayer(MegatronModule):
     """Pre-norm residual mixer layer. ``layer_number`` is the global 1-based index (megatron)."""
 
     def __init__(self, config: TransMambaConfig, layer_number: int,
-                 tp_group: Optional[torch.distributed.ProcessGroup] = None):
+                 tp_group: Optional[torch.distributed.ProcessGroup] = None,
+                 cp_group: Optional[torch.distributed.ProcessGroup] = None):
         super().__init__(config)
         self.layer_number = layer_number
         self.tp_group = get_tensor_model_parallel_group_if_none(tp_group)  # sharded_state_dict
         self.transpoint = config.transpoint_of_layer(layer_number - 1)
         self.norm = RMSNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
-        self.mixer = TransMambaMixer(config, self.transpoint, layer_number, tp_group=self.tp_group)
+        self.mixer = TransMambaMixer(config, self.transpoint, layer_number, tp_group=self.tp_group,
+                                     cp_group=cp_group)
 
     def forward(self, hidden_states: Tensor, attention_mask=None, rotary_pos_emb=None,
                 packed_seq_params=None, residual=PLAIN, **unused) -> tuple[Tensor, Optional[Tensor]]:
-        """hidden_states [S, B, d] (S/tp under SP) -> (x + mixer(norm(x)), None), or with
-        ``residual`` (module docstring) -> (mixer(norm(x)), x)."""
+        """hidden_states [S, B, d] (S/tp under SP; S this rank's shard under context
+        parallelism, with ``rotary_pos_emb`` the global table) -> (x + mixer(norm(x)), None),
+        or with ``residual`` (module docstring) -> (mixer(norm(x)), x)."""
         stream = residual is not PLAIN
         normed, summed = self.norm.add_and_norm(hidden_states, residual if stream else None)
         out, _ = self.mixer(normed, rotary_pos_emb=rotary_pos_emb,

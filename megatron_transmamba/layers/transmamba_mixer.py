@@ -11,6 +11,16 @@ groups; its in_proj rows are ``[z_r | x_r | B_r | C_r | dt_r]`` (column-parallel
 channels, A_log, D, dt_bias and norm weight follow its heads, out_proj is row-parallel. The
 parameters are drawn at full size and cut to this rank's components, so the initial model is
 the same whatever the TP size; ``sharded_state_dict`` stores every component separately.
+
+Context parallel (``cp_group`` of R > 1 ranks, rank r holding global tokens [r S, (r + 1) S)):
+the conv takes the previous shard's last W-1 input rows (``context_parallel_conv``); the SSD
+scans the whole shard from the state passed between ranks (``context_parallel_ssd``), which at
+the TransPoint p is the Memory Converter's state, and only its rows at global t >= p are used;
+the rows t < p take attention over the keys of every earlier shard
+(``context_parallel_prefix_attention``, RoPE at global positions); the gated norm gets the local
+TransPoint clamp(p - r S, 0, S). Parameter gradients are this rank's partial sums (reduced over
+CP like data parallelism), input gradients the full-sequence ones of this shard. Packed
+documents are not supported under CP.
 """
 
 from __future__ import annotations
@@ -30,8 +40,11 @@ from megatron.core.utils import get_pg_rank, get_pg_size, get_tensor_model_paral
 from torch import Tensor
 
 from megatron_transmamba.config import TransMambaConfig
-from megatron_transmamba.layers.mixer_core import BACKENDS
+from megatron_transmamba.layers.mixer_core import BACKENDS, _processed_dt
 from megatron_transmamba.layers.packed_documents import PackedDocuments
+from megatron_transmamba.parallel.context_parallel_attention import context_parallel_prefix_attention
+from megatron_transmamba.parallel.context_parallel_conv import context_parallel_causal_conv1d_silu
+from megatron_transmamba.parallel.context_parallel_ssd import SCANS, context_parallel_ssd
 from megatron_transmamba.parallel.tensor_parallel import local_components, split_sharded_tensor
 
 IN_PROJ_COMPONENTS = ("z", "x", "B", "C", "dt")
@@ -46,17 +59,36 @@ def _initialized_later(weight: Tensor) -> None:
     """in_proj's init_method: ``reset_parameters`` fills it, component by component."""
 
 
+class _BackwardAfter(torch.autograd.Function):
+    """Identity on ``tensor``; ``later`` gets an empty gradient from it, so the backward of
+    ``later``'s producers waits until every consumer of the returned tensor has run its own.
+    Under CP the SSD's and the attention's all-gathers lie on independent branches, whose
+    backward order autograd would otherwise pick from each rank's graph (ranks with no prefix
+    rows have another); collectives must run in the same order on every rank."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, later: Tensor) -> Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
 class TransMambaMixer(MegatronModule):
     """TransMamba token mixer for input [S, B, d] (megatron layout); returns (out, bias)."""
 
     def __init__(self, config: TransMambaConfig, transpoint: int, layer_number: int = 1,
-                 tp_group: Optional[torch.distributed.ProcessGroup] = None):
+                 tp_group: Optional[torch.distributed.ProcessGroup] = None,
+                 cp_group: Optional[torch.distributed.ProcessGroup] = None):
         super().__init__(config)
         self.config = config
-        self.transpoint = int(transpoint)
+        self.transpoint = int(transpoint)          # global: the same on every CP rank
         self.layer_number = layer_number
         self.tp_group = get_tensor_model_parallel_group_if_none(tp_group)
         self.tp_size, self.tp_rank = get_pg_size(self.tp_group), get_pg_rank(self.tp_group)
+        self.cp_group = cp_group
+        self.cp_size, self.cp_rank = get_pg_size(cp_group), get_pg_rank(cp_group)
         H, P, G, N = (config.mamba_num_heads, config.mamba_head_dim, config.mamba_num_groups,
                       config.mamba_state_dim)
         for name, value in (("mamba_num_heads", H), ("mamba_num_groups", G)):
@@ -69,6 +101,7 @@ class TransMambaMixer(MegatronModule):
         self.conv_channels = self.inner + 2 * self.groups * N
         self.softmax_scale = 1.0 / math.sqrt(N)
         self.conv_silu, self.core, self.gated_norm = BACKENDS[config.mixer_backend]
+        self.cp_scan = SCANS[config.mixer_backend]
         self.recompute_core = (config.recompute_granularity == "selective"
                                and "core_attn" in config.recompute_modules)
         # Full (TP = 1) sizes of the components of in_proj's rows and of the conv channels.
@@ -174,15 +207,63 @@ class TransMambaMixer(MegatronModule):
                             documents, y_prefix=y_prefix)
         return y
 
+    def _core_forward_cp(self, projected: Tensor, rotary_pos_emb: Optional[Tensor]) -> Tensor:
+        """``_core_forward`` of this rank's CP shard [B, S, local width] -> [B, S, local H*P].
+        Every rank issues the same collectives in the same order, forward (halo, SSD summaries,
+        attention keys) and backward (attention, SSD, halo), whether or not its shard has
+        prefix or SSM rows: which ones run depends only on the global p."""
+        batch, shard = projected.shape[:2]
+        total = self.cp_size * shard
+        p = max(0, min(self.transpoint, total))
+        local_p = max(0, min(p - self.cp_rank * shard, shard))     # this shard's prefix rows
+        z, xBC, dt = torch.split(projected, [self.inner, self.conv_channels, self.heads], dim=-1)
+        xBC = context_parallel_causal_conv1d_silu(xBC, self.conv1d.weight, self.conv1d.bias,
+                                                  self.cp_group, conv=self.conv_silu)
+        x, B, C = torch.split(xBC, [self.inner, self.groups * self.state_dim,
+                                    self.groups * self.state_dim], dim=-1)
+        x = x.reshape(batch, shard, self.heads, self.head_dim)
+        B = B.reshape(batch, shard, self.groups, self.state_dim)
+        C = C.reshape(batch, shard, self.groups, self.state_dim)
+        y = y_prefix = None
+        if p < total:       # some rank has SSM rows, and they need every earlier shard's state
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            dt, A = _processed_dt(dt, self.dt_bias, self.A_log, tuple(self.config.dt_limit), acc)
+            y = context_parallel_ssd(x, dt, A, B, C, self.config.ssd_chunk_size, D=self.D.to(acc),
+                                     cp_group=self.cp_group, scan=self.cp_scan,
+                                     transpoint=local_p).to(x.dtype)          # [B, S, H, P]
+        if p > 0:
+            rope = None
+            if rotary_pos_emb is not None and self.config.mixer_position_embedding == "rope":
+                rope = rotary_pos_emb                                    # global positions
+            values = x if y is None else _BackwardAfter.apply(x, y)
+            y_prefix = context_parallel_prefix_attention(
+                values, B, C, p, self.softmax_scale, rope, self.cp_group)  # [B, local_p, H, P]
+            y_prefix = y_prefix.reshape(batch, local_p, self.groups,
+                                        self.inner // self.groups)     # the norm's layout
+        if y is None:                           # p = T: the norm reads every row from y_prefix
+            y = x.new_empty(x.shape)
+        elif y_prefix is not None and local_p == 0:
+            # no prefix rows here, but the empty attention output stays on the graph: its
+            # all-gather's backward is collective
+            y, y_prefix = _BackwardAfter.apply(y, y_prefix), None
+        return self.gated_norm(y.reshape(batch, shard, self.inner), z, self.norm_weight,
+                               self.groups, self.config.layernorm_epsilon, local_p, None,
+                               y_prefix=y_prefix)
+
     def forward(self, hidden_states: Tensor, rotary_pos_emb: Optional[Tensor] = None,
                 packed_seq_params: Optional[PackedDocuments] = None,
                 **unused) -> tuple[Tensor, None]:
         """hidden_states: [S, B, d]; rotary_pos_emb: [S_max, 1, 1, N] (megatron RotaryEmbedding);
         packed_seq_params: the documents of the [B, S] micro-batch (whole S: under sequence
-        parallelism in_proj has gathered the sequence before the core sees it)."""
+        parallelism in_proj has gathered the sequence before the core sees it). Under context
+        parallelism S is this rank's shard and rotary_pos_emb the table of all R S positions."""
+        if self.cp_size > 1 and packed_seq_params is not None:
+            raise NotImplementedError(
+                "packed documents (data.reset_at_eod) with context parallelism are not "
+                "supported: set data.reset_at_eod=false or parallel.context_parallel_size=1")
         projected, _ = self.in_proj(hidden_states)                    # [S, B, local width]
         projected = projected.transpose(0, 1)                         # [B, S, ...]
-        core_forward = self._core_forward
+        core_forward = self._core_forward if self.cp_size == 1 else self._core_forward_cp
         if packed_seq_params is not None:   # megatron's checkpoint saves only tensor arguments
             core_forward = partial(self._core_forward, documents=packed_seq_params)
         if self.recompute_core and torch.is_grad_enabled():

@@ -11,9 +11,11 @@ to rank r-1, which adds it to the gradient of its last W-1 rows. Weight and bias
 stay per-rank partial sums, reduced over CP by whatever reduces the other parameter gradients.
 Traffic per conv layer: B x (W-1) x C elements per rank each way, in forward and again in
 backward (point-to-point to the neighbour only, independent of S and of the CP size).
+The mixer (layers/transmamba_mixer.py) runs it with its backend's conv: the plain-PyTorch
+``causal_conv1d_silu_naive`` or the Triton conv, each on the concatenated [halo | shard] copy.
 Not done here: packed documents whose boundaries cross shards (the halo would need the
-previous shard's ``seq_idx`` too), the Triton conv reading the halo in place instead of the
-concatenated copy, and wiring into the mixer (the SSD state passing is state_passing.py).
+previous shard's ``seq_idx`` too) and a Triton conv that reads the halo as an initial conv
+state instead of the concatenated copy (one fewer pass over the shard's conv input).
 """
 from __future__ import annotations
 
