@@ -94,6 +94,9 @@ class TransMambaLanguageModel(LanguageModule):
                              "hidden_dropout = attention_dropout = 0")
         self.recompute = recompute
         self.tp_group = tp_group = self.pg_collection.tp
+        cp_group = getattr(self.pg_collection, "cp", None)
+        self.cp_size = get_pg_size(cp_group) if cp_group is not None else 1
+        self.cp_rank = get_pg_rank(cp_group) if cp_group is not None else 0
         _check_tensor_parallel_group(config, vocab_size, get_pg_size(tp_group))
 
         @contextlib.contextmanager
@@ -123,7 +126,7 @@ class TransMambaLanguageModel(LanguageModule):
             with seeded(1 + index):
                 if symbol in "TM":
                     layers.append(build_module(specs[symbol], config, layer_number=index + 1,
-                                               tp_group=tp_group))
+                                               tp_group=tp_group, cp_group=cp_group))
                 else:
                     layers.append(build_module(specs[symbol], config=config,
                                                layer_number=index + 1 - megatron_offset,
@@ -204,27 +207,37 @@ class TransMambaLanguageModel(LanguageModule):
         micro-batch seen as one packed row), every row start r*S among them. Each document
         then runs as if it were alone in its row: the same on every TP rank and every
         pipeline stage (each stage passes the same ``cu_seqlens``)."""
-        seq_len = input_ids.shape[1]
+        seq_len = input_ids.shape[1]      # this context-parallel rank's shard of T = seq_len x CP
         documents = None
+        if cu_seqlens is not None and self.cp_size > 1:
+            raise NotImplementedError("packed documents (data.reset_at_eod) with "
+                                      "parallel.context_parallel_size > 1 are not supported")
         if cu_seqlens is not None:
             if self.use_transformer_engine and "*" in self.config.layer_pattern:
                 raise NotImplementedError("packed documents (cu_seqlens) need the SDPA "
                                           "attention of '*' layers, not Transformer Engine's")
             documents = PackedDocuments.from_cu_seqlens(cu_seqlens, input_ids.shape[0], seq_len)
         if position_ids is None:
-            position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
+            start = self.cp_rank * seq_len
+            position_ids = torch.arange(start, start + seq_len, device=input_ids.device)[None]
         if self.pre_process:
             hidden = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [S, B, d]
         else:
             hidden = self.input_tensor                      # from the previous stage
-        # RoPE tables: '*' layers rotate their head dim, mixers their state dim N.
+        # RoPE tables: '*' layers rotate their head dim, mixers their state dim N. Under context
+        # parallelism '*' layers get this shard's global positions; mixers get every position
+        # (their attention prefix reads the keys of earlier shards).
         attention_rope = mixer_rope = None
+        total = seq_len * self.cp_size
         if self.attention_rope_dim:
-            attention_rope = rope_table(seq_len, self.attention_rope_dim, self.config.rope_theta, input_ids.device)
+            attention_rope = rope_table(total, self.attention_rope_dim, self.config.rope_theta,
+                                        input_ids.device)
+            if self.cp_size > 1:
+                attention_rope = attention_rope[self.cp_rank * seq_len:][:seq_len]
             if documents is not None:   # [S, B, 1, dim]: positions inside each document
                 attention_rope = documents.rotary_table(attention_rope)
         if self.mixer_rope_dim:
-            mixer_rope = rope_table(seq_len, self.mixer_rope_dim, self.config.rope_theta, input_ids.device)
+            mixer_rope = rope_table(total, self.mixer_rope_dim, self.config.rope_theta, input_ids.device)
         residual = None      # the residual stream is hidden + residual (None: hidden alone)
         for index, layer in zip(self.layer_range, self.layers):
             rope = mixer_rope if self.config.layer_pattern[index] in "TM" else attention_rope

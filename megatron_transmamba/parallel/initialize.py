@@ -40,6 +40,7 @@ class DistributedInfo:
     data_parallel_size: int
     device: torch.device
     backend: str
+    context_parallel_size: int = 1
     process_groups: Any = None
     """megatron-core ``ProcessGroupCollection`` (tp, cp, pp, embd, pos_embd, dp, dp_cp, mp)."""
 
@@ -52,23 +53,26 @@ def find_free_port() -> int:
 
 
 def validate_layout(
-    world_size: int, tensor_model_parallel_size: int, pipeline_model_parallel_size: int
+    world_size: int, tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
+    context_parallel_size: int = 1,
 ) -> int:
     """Return the data-parallel size, or raise ValueError naming the config fields."""
-    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
-    if tp < 1 or pp < 1:
+    tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
+    if tp < 1 or pp < 1 or cp < 1:
         raise ValueError(
-            f"parallel.tensor_model_parallel_size ({tp}) and "
-            f"parallel.pipeline_model_parallel_size ({pp}) must be >= 1"
+            f"parallel.tensor_model_parallel_size ({tp}), "
+            f"parallel.pipeline_model_parallel_size ({pp}) and "
+            f"parallel.context_parallel_size ({cp}) must be >= 1"
         )
-    if world_size % (tp * pp) != 0:
+    if world_size % (tp * pp * cp) != 0:
         raise ValueError(
             f"world size {world_size} is not divisible by "
             f"parallel.tensor_model_parallel_size ({tp}) x "
-            f"parallel.pipeline_model_parallel_size ({pp}) = {tp * pp}; "
-            f"launch a multiple of {tp * pp} processes or change the layout"
+            f"parallel.pipeline_model_parallel_size ({pp}) x "
+            f"parallel.context_parallel_size ({cp}) = {tp * pp * cp}; "
+            f"launch a multiple of {tp * pp * cp} processes or change the layout"
         )
-    return world_size // (tp * pp)
+    return world_size // (tp * pp * cp)
 
 
 MODEL_PROCESS_GROUPS = ("tp", "cp", "pp", "embd", "pos_embd", "dp", "dp_cp", "mp")
@@ -86,6 +90,7 @@ def initialize_distributed(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     virtual_pipeline_model_parallel_size: Optional[int] = None,
+    context_parallel_size: int = 1,
     seed: int = 1234,
     timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES,
 ) -> DistributedInfo:
@@ -103,7 +108,8 @@ def initialize_distributed(
     world_size = int(os.environ["WORLD_SIZE"]) if under_launcher else 1
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if under_launcher else 0
     data_parallel_size = validate_layout(
-        world_size, tensor_model_parallel_size, pipeline_model_parallel_size
+        world_size, tensor_model_parallel_size, pipeline_model_parallel_size,
+        context_parallel_size
     )
 
     # Imported after the layout check, so a bad layout fails before megatron's slow import.
@@ -135,6 +141,7 @@ def initialize_distributed(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
         distributed_timeout_minutes=max(1, round(timeout_minutes)),
     )
 
@@ -151,6 +158,7 @@ def initialize_distributed(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         data_parallel_size=data_parallel_size,
+        context_parallel_size=context_parallel_size,
         device=device,
         backend=backend,
         process_groups=model_process_groups(),

@@ -45,7 +45,8 @@ _ITER_RE = re.compile(r"^iter_(\d{7})$")
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                        "distrib_optim_fully_reshardable_mem_efficient": True}
 _LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                "data_parallel_size")
+                "data_parallel_size", "context_parallel_size")
+_LAYOUT_DEFAULTS = {"context_parallel_size": 1}     # for checkpoints saved before the key
 _MAX_LISTED = 8
 
 
@@ -494,8 +495,12 @@ class Checkpointer:
             self._queue = AsyncCallsQueue()
 
     def _coordinates(self) -> tuple[tuple, tuple]:
+        """This rank's place in the PP x TP x DP (x CP, when CP > 1) grid of RNG states."""
         g = self.groups
-        return ((g.pp.size(), g.tp.size(), g.dp.size()), (g.pp.rank(), g.tp.rank(), g.dp.rank()))
+        shape, offset = (g.pp.size(), g.tp.size(), g.dp.size()), (g.pp.rank(), g.tp.rank(), g.dp.rank())
+        if g.cp.size() > 1:
+            shape, offset = shape + (g.cp.size(),), offset + (g.cp.rank(),)
+        return shape, offset
 
     def _rng_object(self, data):
         from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -662,6 +667,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint {path} was saved with parallel.use_distributed_optimizer="
                 f"{saved['use_distributed_optimizer']}: resume with the same setting")
+        saved = {**_LAYOUT_DEFAULTS, **saved}
         same_layout = all(saved.get(k) == self.layout.get(k) for k in _LAYOUT_KEYS)
         model = self._model_state(chunks)
         state = dict(model)

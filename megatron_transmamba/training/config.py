@@ -145,6 +145,10 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Shard norms and residuals along the sequence over the tensor-parallel ranks (needs
     tensor_model_parallel_size > 1 and seq_length divisible by it)."""
+    context_parallel_size: int = 1
+    """Ranks that split every sequence into contiguous shards (context parallelism, CP:
+    docs/parallelism.md): SSM state passing, the conv's halo and the attention prefix cross
+    the shards; needs seq_length divisible by it. World size = TP x PP x CP x DP."""
 
 
 @dataclass

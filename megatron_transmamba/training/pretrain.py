@@ -116,6 +116,7 @@ def build_model_config(cfg: RunConfig, use_bf16: bool) -> TransMambaConfig:
             tensor_model_parallel_size=p.tensor_model_parallel_size,
             pipeline_model_parallel_size=p.pipeline_model_parallel_size,
             sequence_parallel=p.sequence_parallel,
+            context_parallel_size=p.context_parallel_size,
             bf16=use_bf16, params_dtype=dtype, use_cpu_initialization=True, **pipeline)
 
 
@@ -132,7 +133,7 @@ def check_run_config(cfg: RunConfig, world_size: int) -> TransMambaConfig:
     layout and the model against the layout. Raises ValueError naming the field."""
     p = cfg.parallel
     dp_size = validate_layout(world_size, p.tensor_model_parallel_size,
-                              p.pipeline_model_parallel_size)
+                              p.pipeline_model_parallel_size, p.context_parallel_size)
     _, num_micro = num_microbatches(cfg.training, dp_size)
     virtual = p.virtual_pipeline_model_parallel_size
     if virtual and num_micro % p.pipeline_model_parallel_size:
@@ -145,10 +146,38 @@ def check_run_config(cfg: RunConfig, world_size: int) -> TransMambaConfig:
                          f"({cfg.training.eval_iters}) to be a multiple of "
                          f"parallel.pipeline_model_parallel_size ({p.pipeline_model_parallel_size})")
     model_config = build_model_config(cfg, resolve_bf16(cfg.training))
+    check_context_parallel(cfg, model_config)
     pipeline_stages(cfg, model_config)
     check_compile(cfg)
     check_cuda_graphs(cfg, model_config, torch.cuda.is_available())
     return model_config
+
+
+def check_context_parallel(cfg: RunConfig, model_config: TransMambaConfig) -> None:
+    """What context parallelism needs of the run; raises ValueError naming the field."""
+    p = cfg.parallel
+    cp, tp = p.context_parallel_size, p.tensor_model_parallel_size
+    if cp == 1:
+        return
+    T = model_config.seq_length
+    if T % cp:
+        raise ValueError(f"model.seq_length={T} must be divisible by "
+                         f"parallel.context_parallel_size={cp} (one contiguous shard per rank)")
+    if p.sequence_parallel and (T // cp) % tp:
+        raise ValueError(f"each context-parallel shard ({T} / {cp} = {T // cp} tokens) must be "
+                         f"divisible by parallel.tensor_model_parallel_size={tp} under "
+                         "parallel.sequence_parallel")
+    unsupported = [name for name, on in (
+        ("data.reset_at_eod", cfg.data.reset_at_eod), ("training.compile", cfg.training.compile),
+        ("training.cuda_graphs", cfg.training.cuda_graphs)) if on]
+    if unsupported:
+        raise ValueError(f"parallel.context_parallel_size={cp} does not support "
+                         f"{', '.join(unsupported)}=true yet; set it to false or use CP = 1")
+    dropout = [name for name in ("hidden_dropout", "attention_dropout")
+               if getattr(model_config, name)]
+    if dropout:     # every CP rank draws the same masks, one process draws one for all of T
+        raise ValueError(f"parallel.context_parallel_size={cp} needs "
+                         f"{' and '.join('model.' + n for n in dropout)} = 0")
 
 
 def num_microbatches(t, dp_size: int) -> tuple[int, int]:
@@ -287,7 +316,7 @@ class _StopSignal:
 
 def startup_line(cfg: RunConfig, model_config: TransMambaConfig, info, num_params: int,
                  chunks: list, bf16: bool, global_batch: int, num_micro: int) -> str:
-    """Layout (TP x PP x DP), model size and this rank's static memory estimate."""
+    """Layout (TP x PP x CP x DP), model size and this rank's static memory estimate."""
     p = cfg.parallel
     local = sum(param.numel() for chunk in chunks for param in chunk.parameters())
     memory = memory_estimate_bytes(local, bf16, info.data_parallel_size,
@@ -295,6 +324,7 @@ def startup_line(cfg: RunConfig, model_config: TransMambaConfig, info, num_param
     return (f"layout TP={p.tensor_model_parallel_size}{' (SP)' if p.sequence_parallel else ''} x "
             f"PP={p.pipeline_model_parallel_size}"
             f"{f' (virtual {p.virtual_pipeline_model_parallel_size})' if p.virtual_pipeline_model_parallel_size else ''}"
+            f"{f' x CP={p.context_parallel_size}' if p.context_parallel_size > 1 else ''}"
             f" x DP={info.data_parallel_size} = "
             f"{info.world_size} ranks ({info.backend}, {info.device.type}, "
             f"{'bf16' if bf16 else 'fp32'}) | model {num_params / 1e6:,.2f}M parameters, pattern "
@@ -309,35 +339,51 @@ def startup_line(cfg: RunConfig, model_config: TransMambaConfig, info, num_param
             f"{' sharded' if p.use_distributed_optimizer else ''}; activations not included)")
 
 
-def lm_forward_step(data_iterator: Iterator, model, device: torch.device):
+def lm_forward_step(data_iterator: Iterator, model, device: torch.device, cp_group=None):
     """megatron-core forward_step_func: next batch (tokens, labels, loss_mask) -> per-token loss
     and the masked-mean loss function. A batch with ``cu_seqlens`` (``data.reset_at_eod``)
-    runs its documents apart; every pipeline stage reads the same batch, so each gets them."""
+    runs its documents apart; every pipeline stage reads the same batch, so each gets them.
+
+    Context parallelism (``cp_group`` of R > 1 ranks): every rank of the group reads the same
+    batch and keeps its contiguous shard of T / R tokens; the loss is this shard's masked sum
+    over the mask's sum on all shards (one all-reduce), so the R shards' losses add up to the
+    full sequence's. megatron-core's schedule multiplies the loss by R before backward, which
+    DDP's average over the data- and context-parallel ranks undoes."""
     batch = next(data_iterator)
-    tokens = batch["tokens"].to(device, non_blocking=True)
-    labels = batch["labels"].to(device, non_blocking=True)
-    loss_mask = batch["loss_mask"].to(device, non_blocking=True).float()
+    shard = slice(None)
+    cp_size = torch.distributed.get_world_size(cp_group) if cp_group is not None else 1
+    if cp_size > 1:
+        length = batch["tokens"].shape[1] // cp_size
+        start = torch.distributed.get_rank(cp_group) * length
+        shard = slice(start, start + length)
+    tokens = batch["tokens"][:, shard].to(device, non_blocking=True)
+    labels = batch["labels"][:, shard].to(device, non_blocking=True)
+    loss_mask = batch["loss_mask"][:, shard].to(device, non_blocking=True).float()
     packed = {}
     if "cu_seqlens" in batch:
         packed["cu_seqlens"] = batch["cu_seqlens"].to(device, non_blocking=True)
     losses = model(tokens, labels=labels, **packed)                       # [B, S]
 
     def loss_func(output):
-        loss = (output.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+        count = loss_mask.sum()
+        if cp_size > 1:                                 # the mask's sum over every shard
+            torch.distributed.all_reduce(count, group=cp_group)
+        loss = (output.float() * loss_mask).sum() / count.clamp(min=1)
         # megatron-core divides the returned loss in place by the micro-batch count: report a copy
         return loss, {"lm loss": loss.detach().clone()}
 
     return losses, loss_func
 
 
-def _mean_loss(loss_dicts: list[dict], pp_group) -> torch.Tensor:
-    """The loss averaged over micro-batches and DP ranks, on the device (0-d); only the last
-    pipeline stage has it, so it is summed over the pipeline group (the other stages add 0)."""
-    group = parallel_state.get_data_parallel_group()
+def _mean_loss(loss_dicts: list[dict], pp_group, dp_cp_group, dp_size: int) -> torch.Tensor:
+    """The loss averaged over micro-batches and DP ranks, on the device (0-d): summed over the
+    data- and context-parallel ranks (a CP shard's loss is its part of the sequence's,
+    ``lm_forward_step``) and divided by DP. Only the last pipeline stage has it, so it is
+    summed over the pipeline group (the other stages add 0)."""
     if loss_dicts:
         loss = torch.stack([d["lm loss"] for d in loss_dicts]).mean()
-        torch.distributed.all_reduce(loss, group=group)
-        loss = loss / torch.distributed.get_world_size(group)
+        torch.distributed.all_reduce(loss, group=dp_cp_group)
+        loss = loss / dp_size
     else:
         loss = torch.zeros((), device=pp_device())
     if torch.distributed.get_world_size(pp_group) > 1:
@@ -403,6 +449,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
                                   pipeline_model_parallel_size=p.pipeline_model_parallel_size,
                                   virtual_pipeline_model_parallel_size=(
                                       p.virtual_pipeline_model_parallel_size),
+                                  context_parallel_size=p.context_parallel_size,
                                   seed=t.seed)
     try:
         result = _pretrain(cfg, info, model_config, bf16, start_time)
@@ -430,6 +477,7 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
               "tensor_model_parallel_size": p.tensor_model_parallel_size,
               "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
               "data_parallel_size": info.data_parallel_size,
+              "context_parallel_size": p.context_parallel_size,
               "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
               "sequence_parallel": p.sequence_parallel,
               "use_distributed_optimizer": p.use_distributed_optimizer}
@@ -456,7 +504,8 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
     num_params = int(num_params.item())
     startup = {"model": time.time() - start_time}         # seconds since pretrain() began
     frozen = [name for c in chunks
-              for name in freeze_unused_parameters(c, vocab_size, model_config.seq_length, device)
+              for name in freeze_unused_parameters(
+                  c, vocab_size, model_config.seq_length // p.context_parallel_size, device)
               ] if p.overlap_grad_reduce else []
     if t.compile and not t.cuda_graphs:        # with CUDA graphs, the captured layers compile
         compile_layers(chunks, t.compile_fullgraph)
@@ -517,7 +566,7 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
         from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
         schedule["p2p_communicator"] = P2PCommunicator(groups.pp, model_config)
     forward_backward = partial(get_forward_backward_func(), **schedule)
-    forward_step = partial(lm_forward_step, device=device)
+    forward_step = partial(lm_forward_step, device=device, cp_group=groups.cp)
 
     def evaluate() -> float:
         for m in ddp_models:
@@ -529,12 +578,13 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
                                    micro_batch_size=t.micro_batch_size, forward_only=True)
         for m in ddp_models:
             m.train()
-        return _mean_loss(out, groups.pp).item()
+        return _mean_loss(out, groups.pp, groups.dp_cp, dp_size).item()
 
     result = TrainResult(num_parameters=num_params, layout={
         "world_size": info.world_size, "tensor_model_parallel_size": info.tensor_model_parallel_size,
         "pipeline_model_parallel_size": info.pipeline_model_parallel_size,
-        "data_parallel_size": dp_size, "num_microbatches": num_micro,
+        "data_parallel_size": dp_size, "context_parallel_size": info.context_parallel_size,
+        "num_microbatches": num_micro,
         "optimizer": [type(o).__name__ for o in getattr(optimizer, "chained_optimizers", [optimizer])],
         "overlap_grad_reduce": ddp_models[0].ddp_config.overlap_grad_reduce,
         "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
@@ -642,7 +692,7 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
                                    model=ddp_models, num_microbatches=num_micro,
                                    seq_length=seq_length, micro_batch_size=t.micro_batch_size,
                                    forward_only=False)
-            loss = _mean_loss(out, groups.pp)                    # the same on every rank
+            loss = _mean_loss(out, groups.pp, groups.dp_cp, dp_size)  # the same on every rank
             stop_flag = stop_signal.anywhere(device)
             # The previous step's outcome: the device has this step queued behind it, so the
             # wait does not idle it. A skipped step is known here, before the next update.

@@ -62,7 +62,7 @@ def losses(run: dict) -> list:
 
 
 DP2_LAYOUT = {"world_size": 2, "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
-              "data_parallel_size": 2, "num_microbatches": 2,
+              "data_parallel_size": 2, "context_parallel_size": 1, "num_microbatches": 2,
               "optimizer": ["DistributedOptimizer"], "overlap_grad_reduce": True,
               "virtual_pipeline_model_parallel_size": None, "recompute": "none",
               "compile": False, "cuda_graphs": False,
