@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..custom_op import custom_op
+
 __all__ = ["causal_conv1d_silu_triton"]
 
 
@@ -361,7 +363,7 @@ def rows_per_program(batch: int, T: int, channel_blocks: int, programs_per_sm: i
     return min(1024, max(16, 1 << (rows.bit_length() - 1)))
 
 
-@torch.library.custom_op("transmamba::causal_conv1d_silu", mutates_args=())
+@custom_op("transmamba::causal_conv1d_silu")
 def _conv_op(x: Tensor, weight: Tensor, bias: Tensor, seq_idx: Optional[Tensor]) -> Tensor:
     batch, T, C = x.shape
     cfg = _FWD
@@ -410,7 +412,7 @@ def _conv_bwd_rows(dout, x, weight, bias, seq_idx, dx, cfg):
     return partials
 
 
-@torch.library.custom_op("transmamba::causal_conv1d_silu_backward", mutates_args=())
+@custom_op("transmamba::causal_conv1d_silu_backward")
 def _conv_backward_op(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
                       seq_idx: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """-> dx [B, T, C], dweight [C, 1, W], dbias [C], each in its input's dtype."""
@@ -446,8 +448,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dout):
     x, weight, bias, seq_idx = ctx.saved_tensors
-    dx, dweight, dbias = torch.ops.transmamba.causal_conv1d_silu_backward(dout, x, weight, bias,
-                                                                         seq_idx)
+    dx, dweight, dbias = _conv_backward_op(dout, x, weight, bias, seq_idx)
     return dx, dweight, dbias, None
 
 
@@ -472,5 +473,4 @@ def causal_conv1d_silu_triton(x, weight, bias, seq_idx=None):
             raise ValueError(f"seq_idx must be an integer [B, T] = {list(x.shape[:2])} tensor, "
                              f"got {seq_idx.dtype} {tuple(seq_idx.shape)}")
         seq_idx = seq_idx.contiguous()
-    return torch.ops.transmamba.causal_conv1d_silu(x, weight.contiguous(), bias.contiguous(),
-                                                   seq_idx)
+    return _conv_op(x, weight.contiguous(), bias.contiguous(), seq_idx)

@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..custom_op import custom_op
+
 __all__ = ["cross_entropy_triton"]
 
 
@@ -95,7 +97,7 @@ def _forward(logits: Tensor, target: Tensor, vocab_start: int, split: bool) -> T
     return out
 
 
-@torch.library.custom_op("transmamba::cross_entropy", mutates_args=())
+@custom_op("transmamba::cross_entropy")
 def _cross_entropy_op(logits: Tensor, target: Tensor) -> Tensor:
     return _forward(logits, target, 0, False)
 
@@ -105,7 +107,7 @@ def _(logits, target):
     return logits.new_empty(logits.shape[:1], dtype=torch.float32)
 
 
-@torch.library.custom_op("transmamba::cross_entropy_stats", mutates_args=())
+@custom_op("transmamba::cross_entropy_stats")
 def _cross_entropy_stats_op(logits: Tensor, target: Tensor, vocab_start: int) -> Tensor:
     return _forward(logits, target, vocab_start, True)
 
@@ -115,7 +117,7 @@ def _(logits, target, vocab_start):
     return logits.new_empty((4, logits.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("transmamba::cross_entropy_backward", mutates_args=())
+@custom_op("transmamba::cross_entropy_backward")
 def _cross_entropy_backward_op(dloss: Tensor, logits: Tensor, target: Tensor, offset: Tensor,
                                shift: Optional[Tensor], vocab_start: int) -> Tensor:
     """dlogits [N, V_local] (contiguous, logits' dtype); log-sum-exp = shift + offset [N], with

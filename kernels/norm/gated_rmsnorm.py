@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..custom_op import custom_op
 from .rmsnorm import backward_rows_per_program, rmsnorm_triton, sum_partials
 
 __all__ = ["gated_rmsnorm_triton", "rmsnorm_triton"]
@@ -288,7 +289,7 @@ def _prefix_args(y: Tensor, y_prefix: Optional[Tensor]):
     return y_prefix, y_prefix.shape[1], y_prefix.stride()[:3]
 
 
-@torch.library.custom_op("transmamba::gated_rmsnorm", mutates_args=())
+@custom_op("transmamba::gated_rmsnorm")
 def _gated_rmsnorm_op(y: Tensor, z: Tensor, weight: Tensor, groups: int, eps: float,
                       transpoint: int, position_ids: Optional[Tensor],
                       y_prefix: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -313,7 +314,7 @@ def _gated_rmsnorm_op(y: Tensor, z: Tensor, weight: Tensor, groups: int, eps: fl
     return out, rstd
 
 
-@torch.library.custom_op("transmamba::gated_rmsnorm_backward", mutates_args=())
+@custom_op("transmamba::gated_rmsnorm_backward")
 def _gated_rmsnorm_backward_op(dout: Tensor, y: Tensor, z: Tensor, weight: Tensor, rstd: Tensor,
                                groups: int, transpoint: int, position_ids: Optional[Tensor],
                                y_prefix: Optional[Tensor]
@@ -382,7 +383,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dout, d_rstd):
     y, z, weight, rstd, position_ids, y_prefix = ctx.saved_tensors
-    dy, dz, dweight, dprefix = torch.ops.transmamba.gated_rmsnorm_backward(
+    dy, dz, dweight, dprefix = _gated_rmsnorm_backward_op(
         dout, y, z, weight, rstd, ctx.groups, ctx.transpoint, position_ids, y_prefix)
     return dy, dz, dweight, None, None, None, None, (dprefix if y_prefix is not None else None)
 
@@ -427,6 +428,6 @@ def gated_rmsnorm_triton(y: Tensor, z: Tensor, weight: Tensor, groups: int, eps:
                              f"{width // groups}], got {tuple(y_prefix.shape)}")
         if y_prefix.stride(-1) != 1:
             y_prefix = y_prefix.contiguous()
-    out, _ = torch.ops.transmamba.gated_rmsnorm(y, z, weight.contiguous(), int(groups), float(eps),
-                                                max(0, int(transpoint)), position_ids, y_prefix)
+    out, _ = _gated_rmsnorm_op(y, z, weight.contiguous(), int(groups), float(eps),
+                               max(0, int(transpoint)), position_ids, y_prefix)
     return out

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..custom_op import custom_op
+
 __all__ = ["add_rmsnorm_triton", "rmsnorm_triton"]
 
 
@@ -109,19 +111,19 @@ def _forward(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float):
     return out, summed, rstd
 
 
-@torch.library.custom_op("transmamba::rmsnorm", mutates_args=())
+@custom_op("transmamba::rmsnorm")
 def _rmsnorm_op(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     out, _, rstd = _forward(x, None, weight, eps)
     return out, rstd
 
 
-@torch.library.custom_op("transmamba::add_rmsnorm", mutates_args=())
+@custom_op("transmamba::add_rmsnorm")
 def _add_rmsnorm_op(x: Tensor, residual: Tensor, weight: Tensor,
                     eps: float) -> tuple[Tensor, Tensor, Tensor]:
     return _forward(x, residual, weight, eps)
 
 
-@torch.library.custom_op("transmamba::add_rmsnorm_backward", mutates_args=())
+@custom_op("transmamba::add_rmsnorm_backward")
 def _add_rmsnorm_backward_op(d_normed: Tensor, d_summed: Optional[Tensor], summed: Tensor,
                              weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
     """-> (d summed [..., C] in summed's dtype, d weight [C] in weight's dtype)."""
@@ -166,7 +168,7 @@ def _rmsnorm_setup(ctx, inputs, output):
 
 def _rmsnorm_backward(ctx, d_out, d_rstd):
     x, weight, rstd = ctx.saved_tensors
-    dx, dweight = torch.ops.transmamba.add_rmsnorm_backward(d_out, None, x, weight, rstd)
+    dx, dweight = _add_rmsnorm_backward_op(d_out, None, x, weight, rstd)
     return dx, dweight, None
 
 
@@ -182,8 +184,7 @@ def _add_rmsnorm_backward(ctx, d_normed, d_summed, d_rstd):
     summed, weight, rstd = ctx.saved_tensors
     if d_normed is None:                        # only the sum was used
         return d_summed.to(ctx.x_dtype), d_summed, None, None
-    dh, dweight = torch.ops.transmamba.add_rmsnorm_backward(d_normed, d_summed, summed, weight,
-                                                             rstd)
+    dh, dweight = _add_rmsnorm_backward_op(d_normed, d_summed, summed, weight, rstd)
     # x and the residual get the same gradient; a cast only when their dtypes differ
     return dh.to(ctx.x_dtype), dh, dweight, None
 
@@ -204,7 +205,7 @@ def rmsnorm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     if not contiguous), weight [C] (bf16 or fp32; its gradient in its dtype) -> [..., C] in x's
     dtype, float32 math. Forward 1 kernel, backward 2."""
     _check(x, weight, "rmsnorm_triton")
-    return torch.ops.transmamba.rmsnorm(x.contiguous(), weight, float(eps))[0]
+    return _rmsnorm_op(x.contiguous(), weight, float(eps))[0]
 
 
 def add_rmsnorm_triton(x: Tensor, residual: Optional[Tensor], weight: Tensor,
@@ -219,6 +220,5 @@ def add_rmsnorm_triton(x: Tensor, residual: Optional[Tensor], weight: Tensor,
     if residual.shape != x.shape:
         raise ValueError(f"add_rmsnorm_triton: residual {tuple(residual.shape)} != x "
                          f"{tuple(x.shape)}")
-    normed, summed, _ = torch.ops.transmamba.add_rmsnorm(x.contiguous(), residual.contiguous(),
-                                                         weight, float(eps))
+    normed, summed, _ = _add_rmsnorm_op(x.contiguous(), residual.contiguous(), weight, float(eps))
     return normed, summed

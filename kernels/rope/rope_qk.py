@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..custom_op import custom_op
+
 __all__ = ["rope_qk_triton"]
 
 
@@ -95,7 +97,7 @@ def _rope_qk(q: Tensor, k: Tensor, table: Tensor, seq_first: bool, inverse: bool
     return q_out, k_out
 
 
-@torch.library.custom_op("transmamba::rope_qk", mutates_args=())
+@custom_op("transmamba::rope_qk")
 def _rope_qk_op(q: Tensor, k: Tensor, table: Tensor, seq_first: bool,
                 inverse: bool) -> tuple[Tensor, Tensor]:
     return _rope_qk(q, k, table, seq_first, inverse)

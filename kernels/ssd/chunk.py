@@ -27,6 +27,7 @@ import torch
 import triton
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..custom_op import custom_op
 from .chunk_kernels import (_INTERPRET, _chunk_bwd_dbc_kernel, _chunk_bwd_dx_kernel,
                             _chunk_bwd_kernel, _chunk_scan_fwd_kernel, _chunk_state_bwd_kernel,
                             _chunk_state_fwd_kernel, _group_sum_kernel, _ssd_finalize_kernel,
@@ -308,7 +309,7 @@ def _ssd_bwd(dy, dfinal, x, dt, dt_bias, A, B, C, D, initial_states, states, fin
 # implementations), with int/float/bool arguments only. Packed documents pass their layout as
 # three index tensors and the document count.
 
-@torch.library.custom_op("transmamba::ssd_fwd", mutates_args=())
+@custom_op("transmamba::ssd_fwd")
 def ssd_fwd(x: Tensor, dt: Tensor, dt_bias: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
             D: Optional[Tensor], initial_states: Optional[Tensor], chunk_size: int,
             transpoint: int, a_is_log: bool, dt_softplus: bool, dt_limit_min: float,
@@ -335,7 +336,7 @@ def _ssd_fwd_fake(x, dt, dt_bias, A, B, C, D, initial_states, chunk_size, transp
             x.new_empty(batch, NC, H, dtype=torch.float32))
 
 
-@torch.library.custom_op("transmamba::ssd_bwd", mutates_args=())
+@custom_op("transmamba::ssd_bwd")
 def ssd_bwd(dy: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, dt_bias: Optional[Tensor],
             A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], initial_states: Optional[Tensor],
             states: Tensor, final: Tensor, decay: Tensor, chunk_size: int, transpoint: int,
@@ -492,7 +493,7 @@ def ssd_forward(x, dt, dt_bias, A_log, B, C, D, chunk_size, transpoint, dt_limit
     saved = (states [B,NC,H,P,N], final [B,H,P,N] float32, decay [B,NC,H] float32), which
     ``ssd_backward`` takes back. Both are custom ops: torch.compile traces them."""
     lo, hi = _limits(dt_limit)
-    y, final, states, decay = torch.ops.transmamba.ssd_fwd(
+    y, final, states, decay = ssd_fwd(
         x, dt, dt_bias, A_log, B, C, D, None, int(chunk_size), int(transpoint), True, True, lo, hi)
     return y, (states, final, decay)
 
@@ -510,7 +511,7 @@ def ssd_backward(dy, x, dt, dt_bias, A_log, B, C, D, saved, chunk_size, transpoi
     """
     states, final, decay = saved
     lo, hi = _limits(dt_limit)
-    dx, ddt, dbias, dA_log, dB, dC, dD, _ = torch.ops.transmamba.ssd_bwd(
+    dx, ddt, dbias, dA_log, dB, dC, dD, _ = ssd_bwd(
         dy, None, x, dt, dt_bias, A_log, B, C, D, None, states, final, decay, int(chunk_size),
         int(transpoint), True, True, lo, hi, prefix_dx, prefix_dB, prefix_dC)
     return dx, ddt, dbias, dA_log, dB, dC, dD if D is not None else None

@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..custom_op import custom_op
+
 __all__ = ["swiglu_triton"]
 
 
@@ -70,7 +72,7 @@ def _row_stride(x: Tensor) -> Optional[int]:
     return stride if stride is not None else x.shape[-1]
 
 
-@torch.library.custom_op("transmamba::swiglu", mutates_args=())
+@custom_op("transmamba::swiglu")
 def _swiglu_op(x: Tensor) -> Tensor:
     F = x.shape[-1] // 2
     rows = x.numel() // x.shape[-1]
@@ -80,7 +82,7 @@ def _swiglu_op(x: Tensor) -> Tensor:
     return out
 
 
-@torch.library.custom_op("transmamba::swiglu_backward", mutates_args=())
+@custom_op("transmamba::swiglu_backward")
 def _swiglu_backward_op(dout: Tensor, x: Tensor) -> Tensor:
     F = x.shape[-1] // 2
     rows = x.numel() // x.shape[-1]
@@ -109,7 +111,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dout):
     (x,) = ctx.saved_tensors
-    return torch.ops.transmamba.swiglu_backward(dout, x)
+    return _swiglu_backward_op(dout, x)
 
 
 _swiglu_op.register_autograd(_backward, setup_context=_setup)
@@ -125,4 +127,4 @@ def swiglu_triton(x: Tensor) -> Tensor:
         raise TypeError("swiglu_triton: float64 is not supported (use swiglu_naive)")
     if _row_stride(x) is None:
         x = x.contiguous()
-    return torch.ops.transmamba.swiglu(x)
+    return _swiglu_op(x)

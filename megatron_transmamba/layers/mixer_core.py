@@ -30,6 +30,7 @@ from megatron_transmamba.layers.memory_converter import memory_converter
 from megatron_transmamba.layers.packed_documents import PackedDocuments, document_attention
 from megatron_transmamba.layers.rotary import apply_rope
 from transmamba_kernels.conv.naive import causal_conv1d_silu_naive
+from transmamba_kernels.custom_op import custom_op
 from transmamba_kernels.norm.naive import gated_rmsnorm_naive
 from transmamba_kernels.ssd.naive import chunk_ssd_naive
 
@@ -143,7 +144,7 @@ def fused_core(x: Tensor, dt: Tensor, dt_bias: Optional[Tensor], A: Tensor, B: T
     rows t < p of dx, dB, dC inside its kernels: no slicing, zero-padding or summing of
     gradients.
     """
-    from transmamba_kernels.ssd.chunk import _limits
+    from transmamba_kernels.ssd.chunk import _limits, ssd_fwd
 
     seq_len = x.shape[1]
     p = max(0, min(int(transpoint), seq_len))
@@ -151,12 +152,11 @@ def fused_core(x: Tensor, dt: Tensor, dt_bias: Optional[Tensor], A: Tensor, B: T
     if p == seq_len:                       # attention only: dt, A and D are not used
         return None, _prefix_attention(x, B, C, p, softmax_scale, rope)
     if p == 0:
-        y = torch.ops.transmamba.ssd_fwd(x, dt, dt_bias, A, B, C, D, None, int(chunk_size), 0,
-                                         raw_dt, raw_dt, lo, hi)[0]
+        y = ssd_fwd(x, dt, dt_bias, A, B, C, D, None, int(chunk_size), 0, raw_dt, raw_dt, lo,
+                    hi)[0]
         return y, None
-    y, attention, *_ = torch.ops.transmamba.core(x, dt, dt_bias, A, B, C, D, rope, p,
-                                                 int(chunk_size), float(softmax_scale), raw_dt,
-                                                 lo, hi)
+    y, attention, *_ = _core_op(x, dt, dt_bias, A, B, C, D, rope, p, int(chunk_size),
+                                float(softmax_scale), raw_dt, lo, hi)
     return y, attention
 
 
@@ -181,18 +181,19 @@ def _core_body(x: Tensor, dt: Tensor, dt_bias: Optional[Tensor], A: Tensor, B: T
              softmax_scale: float, raw_dt: bool, dt_limit_min: float,
              dt_limit_max: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, attention, SSD states, final state, chunk decay) at 0 < transpoint < T."""
-    y, final, states, decay = torch.ops.transmamba.ssd_fwd(
-        x, dt, dt_bias, A, B, C, D, None, chunk_size, transpoint, raw_dt, raw_dt, dt_limit_min,
-        dt_limit_max)
+    from transmamba_kernels.ssd.chunk import ssd_fwd
+
+    y, final, states, decay = ssd_fwd(x, dt, dt_bias, A, B, C, D, None, chunk_size, transpoint,
+                                      raw_dt, raw_dt, dt_limit_min, dt_limit_max)
     attention = _prefix_attention(x, B, C, transpoint, softmax_scale, rope)
     return y, attention, states, final, decay
 
 
-_core_op = torch.library.custom_op("transmamba::core", mutates_args=())(_core_body)
+_core_op = custom_op("transmamba::core")(_core_body)
 _core_op.register_fake(_core_body)     # the same code on fake tensors gives the shapes
 
 
-@torch.library.custom_op("transmamba::core_backward", mutates_args=())
+@custom_op("transmamba::core_backward")
 def _core_backward_op(dy: Tensor, dattention: Tensor, x: Tensor, dt: Tensor,
                       dt_bias: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor, D: Tensor,
                       rope: Optional[Tensor], states: Tensor, final: Tensor, decay: Tensor,
@@ -205,21 +206,28 @@ def _core_backward_op(dy: Tensor, dattention: Tensor, x: Tensor, dt: Tensor,
         prefix = [t[:, :p].detach().requires_grad_(True) for t in (x, B, C)]
         attention = _prefix_attention(prefix[0], prefix[1], prefix[2], p, softmax_scale, rope)
         dx_prefix, dB_prefix, dC_prefix = torch.autograd.grad(attention, prefix, dattention)
-    dx, ddt, dbias, dA, dB, dC, dD, _ = torch.ops.transmamba.ssd_bwd(
+    from transmamba_kernels.ssd.chunk import ssd_bwd
+
+    dx, ddt, dbias, dA, dB, dC, dD, _ = ssd_bwd(
         dy, None, x, dt, dt_bias, A, B, C, D, None, states, final, decay, chunk_size, p, raw_dt,
         raw_dt, dt_limit_min, dt_limit_max, dx_prefix, dB_prefix, dC_prefix)
     return dx, ddt, dbias, dA, dB, dC, dD
 
 
+_AUTOGRAD_KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
+                  torch._C.DispatchKey.AutogradNestedTensor)
+
+
 @contextlib.contextmanager
 def _autograd_enabled():
     """Autograd inside a custom op's body: torch runs the body below autograd (its dispatch
-    keys excluded), which ``torch.enable_grad`` alone does not undo. Autocast stays excluded."""
+    keys excluded), which ``torch.enable_grad`` alone does not undo. Every other excluded key
+    stays excluded (autocast's); called outside the op (eager), it only enables grad."""
     exclude = torch._C._dispatch_tls_local_exclude_set()
-    autocast = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU) | torch._C.DispatchKeySet(
-        torch._C.DispatchKey.AutocastCUDA)
-    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
-                                         exclude & autocast), torch.enable_grad():
+    for key in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), \
+            torch.enable_grad():
         yield
 
 
@@ -247,7 +255,7 @@ def _core_backward(ctx, dy, dattention, *_):
     if dattention is None:
         dattention = x.new_zeros(x.shape[0], B.shape[2], transpoint,
                                  x.shape[2] // B.shape[2] * x.shape[3])
-    dx, ddt, dbias, dA, dB, dC, dD = torch.ops.transmamba.core_backward(
+    dx, ddt, dbias, dA, dB, dC, dD = _core_backward_op(
         dy, dattention, x, dt, dt_bias, A, B, C, D, rope, states, final, decay, transpoint,
         chunk_size, softmax_scale, raw_dt, lo, hi)
     return (dx, ddt, dbias if dt_bias is not None else None, dA, dB, dC, dD,
