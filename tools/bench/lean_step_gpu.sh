@@ -8,6 +8,7 @@
 #                                              # T = 32768: the four with CUDA graphs
 #   bash tools/bench/lean_step_gpu.sh 1p5b     # 1.5B, T = 8192: the four with CUDA graphs; T = 32768 and eager:
 #                                              # TransMamba and Transformer
+#   bash tools/bench/lean_step_gpu.sh eager    # 400M, T = 8192: the four models eager (host-bound: its own call)
 #   bash tools/bench/lean_step_gpu.sh kernels  # SSD vs mamba_ssm (training shape, chunk 64; 64k tokens, theirs
 #                                              # at chunk 256), mixer core vs SDPA + mamba_ssm at p = 0..T
 #
@@ -66,10 +67,14 @@ case "${1:-400m}" in
       --micro-batch-sizes 1 --variants eager --configs "$big2" "${common[@]}" \
       --time-budget-s 60
     ;;
+  eager)
+    "$py" tools/bench/model_throughput.py --name h200_400m_8k_eager --seq-lengths 8192 \
+      --micro-batch-sizes 1 --variants eager --configs "$tm4" "${common[@]}" --time-budget-s 150
+    ;;
   kernels)
     PYTHONPATH="${MAMBA_SRC:-$root/.mamba_src}:$PYTHONPATH" "$py" tools/bench/compare_mamba_ssm.py \
       --training-chunks 64 --long-chunks 256 --json "$out/h200_vs_mamba_ssm.json"
     ;;
-  *) echo "usage: lean_step_gpu.sh 400m|1p5b|kernels" >&2; exit 2 ;;
+  *) echo "usage: lean_step_gpu.sh 400m|1p5b|eager|kernels" >&2; exit 2 ;;
 esac
 cp "$out"/*.json docs/results/ 2>/dev/null || true
