@@ -100,12 +100,13 @@ def fwd_bwd(fn, leaves, grad_seed=1):
     """(forward-only callable, forward+backward callable)."""
     out = fn()
     outs = out if isinstance(out, tuple) else (out,)
-    grads = [torch.randn_like(o) if o is not None else None for o in outs]
+    # outputs off the graph (None, or the mixer core's all-zero SSD rows at p = T) get none
+    grads = [torch.randn_like(o) if o is not None and o.requires_grad else None for o in outs]
 
     def both():
         res = fn()
         res = res if isinstance(res, tuple) else (res,)
-        pairs = [(o, g) for o, g in zip(res, grads) if o is not None]
+        pairs = [(o, g) for o, g in zip(res, grads) if g is not None]
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         for leaf in leaves:
             leaf.grad = None
