@@ -72,3 +72,20 @@ def test_tool_prints_json_for_one_config(capsys):
     assert result["assumptions"]["bandwidth_is_assumed"]
     assert [(r["T"], r["cp"]) for r in result["rows"]] == [(t, cp) for t in (8192, 16384) for cp in (1, 2, 4, 8)]
     assert result["max_seq_length"][0]["config"] == "mamba2_400m"
+
+
+def test_check_compares_the_estimate_with_measured_peaks(tmp_path):
+    """--check: one row per micro-batch-1 record, measured / estimate from the same formula."""
+    import context_parallel_model as tool
+    config, vocab = tool.load("examples/configs/tiny_cpu.yaml")
+    estimate = cp_cost.memory_per_rank(config, vocab, config.seq_length, 1)["total"] / 2 ** 30
+    records = [{"config": "examples/configs/tiny_cpu.yaml", "T": config.seq_length,
+                "micro_batch": 1, "variant": "eager", "status": "ok", "peak_gib": 2 * estimate},
+               {"config": "examples/configs/tiny_cpu.yaml", "T": config.seq_length,
+                "micro_batch": 2, "variant": "eager", "status": "ok", "peak_gib": 1.0},
+               {"config": "examples/configs/tiny_cpu.yaml", "T": config.seq_length,
+                "micro_batch": 1, "variant": "eager", "status": "oom", "peak_gib": None}]
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps({"records": records}))
+    rows = tool.check([str(path)]).splitlines()[2:]
+    assert len(rows) == 1 and rows[0].endswith("| 2.00 |")

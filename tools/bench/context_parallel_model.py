@@ -2,6 +2,7 @@
 
     python tools/bench/context_parallel_model.py [--configs a.yaml,b.yaml] \
         [--seq-lengths 8192,16384,32768,65536,131072] [--cp-sizes 1,2,4,8] [--gbps 400] [--json]
+    python tools/bench/context_parallel_model.py --check docs/results/h200_400m_8k.json ...
 
 For every config, T and CP: the forward bytes one rank receives per sequence-mixing layer
 (mean over the model's T / M / * layers and over ranks) under (a) state passing, ours, planned,
@@ -10,6 +11,11 @@ and (b) a Ulysses-style head all-to-all; the ratio a / b; and the time those byt
 the largest power-of-two T (4k..1M) whose estimated training memory per rank (micro-batch 1,
 bf16, no recomputation) fits in an H200's 141e9 bytes less a 10% reserve. Every assumption is
 in megatron_transmamba/parallel/cp_cost.py's docstring.
+
+``--check`` compares the memory estimate (at CP = 1) with the peak memory measured by
+``tools/bench/model_throughput.py`` records at micro-batch 1: one row per record, estimate and
+measured GiB and their ratio. CUDA-graph runs keep the memory pools of earlier runs of the same
+process, so their peaks are upper bounds unless the run was alone.
 """
 
 from __future__ import annotations
@@ -66,6 +72,26 @@ def model(paths, lengths, cp_sizes, gbps: float) -> dict:
             "rows": rows, "max_seq_length": fits}
 
 
+def check(records_paths) -> str:
+    """Markdown: the CP = 1 memory estimate against measured peaks (micro-batch 1 records)."""
+    from megatron_transmamba.parallel import cp_cost
+    lines = ["| config | T | variant | estimate GiB | measured peak GiB | measured / estimate |",
+             "|---|---|---|---|---|---|"]
+    for records_path in records_paths:
+        with open(records_path) as f:
+            records = json.load(f)["records"]
+        for r in records:
+            if r["status"] != "ok" or r["micro_batch"] != 1 or r.get("peak_gib") is None:
+                continue
+            config, vocab = load(r["config"])
+            estimate = cp_cost.memory_per_rank(cp_cost.at_length(config, r["T"]), vocab, r["T"],
+                                               1)["total"] / 2 ** 30
+            lines.append(f"| {os.path.splitext(os.path.basename(r['config']))[0]} | {r['T']} | "
+                         f"{r['variant']} | {estimate:.1f} | {r['peak_gib']:.1f} | "
+                         f"{r['peak_gib'] / estimate:.2f} |")
+    return "\n".join(lines)
+
+
 def _mib(n: float) -> str:
     return f"{n / 2 ** 20:.3f}"
 
@@ -98,7 +124,12 @@ def main(argv=None) -> int:
     parser.add_argument("--gbps", type=float, default=400.0,
                         help="ASSUMED link bandwidth in GB/s for the optional time columns")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--check", nargs="+", metavar="RECORDS",
+                        help="model_throughput.py JSON records: estimate against measured peaks")
     args = parser.parse_args(argv)
+    if args.check:
+        print(check(args.check))
+        return 0
     paths = [p for p in args.configs.split(",") if p.strip()]
     cp_sizes = _ints(args.cp_sizes)
     result = model(paths, _ints(args.seq_lengths), cp_sizes, args.gbps)
