@@ -11,7 +11,9 @@ rank holds a contiguous shard [r S, (r + 1) S) of the sequence, its Q and K alre
 those global positions (the model passes the RoPE table rows [r S, (r + 1) S) as
 ``rotary_pos_emb``), and computes its rows of full causal attention through
 ``parallel/context_parallel_attention.context_parallel_causal_attention`` (an all-gather of K
-and V).
+and V); with packed documents (this rank's ``PackedDocuments.shard``, Q and K rotated at
+in-document positions) it is causal inside each document, whose earlier part may live on
+earlier ranks (``parallel/context_parallel_documents.context_parallel_document_attention``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from torch import Tensor
 from megatron_transmamba.layers.packed_documents import PackedDocuments, document_attention
 from megatron_transmamba.parallel.context_parallel_attention import (
     context_parallel_causal_attention)
+from megatron_transmamba.parallel.context_parallel_documents import (
+    context_parallel_document_attention)
 
 
 class SDPAttention(MegatronModule):
@@ -71,15 +75,16 @@ class SDPAttention(MegatronModule):
                                       "need Transformer Engine attention")
         seq_len, batch, heads, dim = query.shape
         if self.cp_size > 1:
-            if packed_seq_params is not None:
-                raise NotImplementedError("SDPAttention: packed documents with context "
-                                          "parallelism are not supported yet")
             if key.shape[0] != seq_len:
                 raise NotImplementedError("SDPAttention: a key/value cache (inference) with "
                                           "context parallelism is not supported")
             q, k, v = (t.transpose(0, 1) for t in (query, key, value))    # [B, S, heads, d]
-            out = context_parallel_causal_attention(q, k, v, self.cp_size * seq_len,
-                                                    self.softmax_scale, self.cp_group)
+            if packed_seq_params is not None:
+                out = context_parallel_document_attention(q, k, v, packed_seq_params,
+                                                          self.softmax_scale, self.cp_group)
+            else:
+                out = context_parallel_causal_attention(q, k, v, self.cp_size * seq_len,
+                                                        self.softmax_scale, self.cp_group)
             return out.transpose(0, 1).reshape(seq_len, batch, heads * dim)
         dropout = self.dropout if self.training else 0.0
         if packed_seq_params is None:
@@ -110,8 +115,9 @@ class SelfAttentionFusedRope(SelfAttention):
     [S, B, 1, dim]), the core attention and the output projection. Everything else (inference,
     output gates, partial or interleaved RoPE) is megatron-core's own forward. Neither path does
     anything context-parallel: under CP ``rotary_pos_emb`` is this shard's rows of the global
-    table (megatron-core's bshd ``apply_rotary_pos_emb`` reads its cp_group only for THD input)
-    and the core attention gathers the keys and values.
+    table, or with packed documents the table of each token's in-document position
+    (megatron-core's bshd ``apply_rotary_pos_emb`` reads its cp_group only for THD input), and
+    the core attention gathers the keys and values.
     """
 
     def __init__(self, config, submodules, *args, **kwargs):

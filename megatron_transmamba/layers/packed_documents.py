@@ -13,6 +13,13 @@ batches, one per power-of-two length class, and each batch runs one causal atten
 (SDPA: flash / cuDNN on GPUs). Padding sits after each document's last token, so causality
 alone keeps real queries off it: the result is exact, and the padding wastes at most 4x the
 area of the longest document of each class.
+
+Under context parallelism (R ranks, rank r holding tokens [r S, (r + 1) S) of every row) each
+rank works on ``shard(r, R)``: the same description cut to its columns, whose documents may
+have started on an earlier rank (``offsets``: the in-document position of each local piece's
+first token) and keep the whole sequence's documents (``whole``) for what the other ranks hold.
+``document_attention`` and ``buckets`` are for unsharded documents only; the CP layers use
+``parallel/context_parallel_documents.py``.
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ class _Bucket:
 
 @dataclass
 class PackedDocuments:
-    """Documents of a [B, S] micro-batch (``from_cu_seqlens``).
+    """Documents of a [B, S] micro-batch (``from_cu_seqlens``), or one context-parallel rank's
+    columns of them (``shard``).
 
     megatron-core's attention reads ``qkv_format`` to decide on its THD path; ours is
     "sbhd": the layout is unchanged, only attention, conv and state respect the documents.
@@ -51,6 +59,11 @@ class PackedDocuments:
     spans: tuple                # ((row, start, end), ...) of each non-empty document (host)
     batch: int
     seq_len: int
+    offsets: tuple = ()         # in-document position of each span's first token (host);
+                                # () for all zero (unsharded)
+    cp_rank: int = 0
+    cp_size: int = 1
+    whole: Optional["PackedDocuments"] = field(default=None, repr=False)  # a shard's: all T
     _plans: dict = field(default_factory=dict, repr=False)
 
     @staticmethod
@@ -86,18 +99,58 @@ class PackedDocuments:
             position_ids=position_ids.view(batch, seq_len), spans=spans, batch=batch,
             seq_len=seq_len)
 
+    def shard(self, rank: int, size: int) -> "PackedDocuments":
+        """Context-parallel rank ``rank`` of ``size``: columns [rank S', (rank + 1) S') of
+        every row, S' = S / size. seq_idx keeps the whole sequence's document numbers and
+        position_ids the positions inside the whole documents (a document started on an
+        earlier rank continues its count); spans are the local pieces, ``offsets`` their first
+        positions, ``whole`` these documents. size 1 returns ``self``."""
+        if size == 1:
+            return self
+        if self.cp_size != 1:
+            raise ValueError("shard: these documents are already a context-parallel shard")
+        if self.seq_len % size or not 0 <= rank < size:
+            raise ValueError(f"shard: rank {rank} of {size} for S = {self.seq_len} (S must be "
+                             "divisible by the context-parallel size)")
+        length = self.seq_len // size
+        lo, hi = rank * length, (rank + 1) * length
+        pieces = [(row, max(s, lo), min(e, hi), max(s, lo) - s) for row, s, e in self.spans
+                  if s < hi and e > lo]
+        starts = [row * length + s - lo for row, s, _, _ in pieces]
+        device = self.seq_idx.device
+        return PackedDocuments(
+            cu_seqlens=torch.tensor(starts + [self.batch * length], dtype=torch.int32,
+                                    device=device),
+            seq_idx=self.seq_idx[:, lo:hi].contiguous(),
+            position_ids=self.position_ids[:, lo:hi].contiguous(),
+            spans=tuple((row, s - lo, e - lo) for row, s, e, _ in pieces), batch=self.batch,
+            seq_len=length, offsets=tuple(offset for *_, offset in pieces), cp_rank=rank,
+            cp_size=size, whole=self)
+
     @property
     def max_length(self) -> int:
-        return max(e - s for _, s, e in self.spans)
+        """The longest document (of the whole sequence for a shard)."""
+        documents = self.whole if self.whole is not None else self
+        return max(e - s for _, s, e in documents.spans)
+
+    @property
+    def max_offset(self) -> int:
+        """The largest in-document position of a span's first token: 0 unless a document
+        continues from an earlier context-parallel rank."""
+        return max(self.offsets, default=0)
 
     def rotary_table(self, table: Tensor) -> Tensor:
-        """A megatron RoPE table [S, 1, 1, dim] (positions 0..S-1) -> [S, B, 1, dim] with each
-        token's angles at its position inside its document."""
+        """A megatron RoPE table [S, 1, 1, dim] (positions 0..S-1; a shard: the whole
+        sequence's) -> [S, B, 1, dim] (a shard: its S / R rows) with each token's angles at its
+        position inside its document."""
         return table[:, 0, 0][self.position_ids.t()].unsqueeze(2)
 
     def buckets(self, limit: Optional[int] = None) -> list[_Bucket]:
         """Gather plans covering the first min(limit, length) tokens of every document, grouped
         by the power-of-two class of that length (cached per limit)."""
+        if self.cp_size != 1:
+            raise ValueError("buckets: a context-parallel shard's documents continue on other "
+                             "ranks (use parallel.context_parallel_documents)")
         if limit not in self._plans:
             self._plans[limit] = self._make_buckets(limit)
         return self._plans[limit]

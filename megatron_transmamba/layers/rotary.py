@@ -40,19 +40,36 @@ def _cos_sin(table: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
     return value
 
 
+def _trig(table: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``_cos_sin``, or computed inline under torch.compile (the cache is host state; compiled
+    code fuses cos/sin)."""
+    if not torch.compiler.is_compiling():
+        return _cos_sin(table, acc)
+    angles = table[:, 0, 0].to(acc)
+    half = angles.shape[-1] // 2
+    sin = angles.sin()
+    return angles.cos(), torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+
+
+def _rotate(t: Tensor, cos: Tensor, signed_sin: Tensor, acc: torch.dtype) -> Tensor:
+    t_acc = t.to(acc)
+    rolled = torch.roll(t_acc, t.shape[-1] // 2, dims=-1)
+    return torch.addcmul(t_acc * cos, rolled, signed_sin).to(t.dtype)
+
+
 def apply_rope(t: Tensor, table: Tensor) -> Tensor:
     """Rotate t [B, p, heads, dim] by the angles of positions 0..p-1 in ``table``:
     t cos + rotate_half(t) sin, with rotate_half(t) = [-t2, t1] = roll(t, dim/2) * sign."""
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    if torch.compiler.is_compiling():   # the cache is host state; compiled code fuses cos/sin
-        angles = table[:, 0, 0].to(acc)
-        half = angles.shape[-1] // 2
-        cos, sin = angles.cos(), angles.sin()
-        signed_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
-    else:
-        cos, signed_sin = _cos_sin(table, acc)
+    cos, signed_sin = _trig(table, acc)
     p = t.shape[1]
-    cos, signed_sin = cos[None, :p, None, :], signed_sin[None, :p, None, :]
-    t_acc = t.to(acc)
-    rolled = torch.roll(t_acc, t.shape[-1] // 2, dims=-1)
-    return torch.addcmul(t_acc * cos, rolled, signed_sin).to(t.dtype)
+    return _rotate(t, cos[None, :p, None, :], signed_sin[None, :p, None, :], acc)
+
+
+def apply_rope_at(t: Tensor, table: Tensor, position_ids: Tensor) -> Tensor:
+    """``apply_rope`` with each token at its own position: t [B, S, heads, dim] rotated by the
+    angles of ``position_ids`` [B, S] (< len(table); packed documents under context
+    parallelism: positions inside each document)."""
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    cos, signed_sin = _trig(table, acc)
+    return _rotate(t, cos[position_ids][:, :, None], signed_sin[position_ids][:, :, None], acc)

@@ -20,7 +20,12 @@ the rows t < p take attention over the keys of every earlier shard
 (``context_parallel_prefix_attention``, RoPE at global positions); the gated norm gets the local
 TransPoint clamp(p - r S, 0, S). Parameter gradients are this rank's partial sums (reduced over
 CP like data parallelism), input gradients the full-sequence ones of this shard. Packed
-documents are not supported under CP.
+documents under CP (``PackedDocuments.shard``: documents cross shards, positions count inside
+the whole document): the halo counts only inside the receiving token's document, the state
+passing resets at document starts and enters only a document that continues from the previous
+shard, tokens at in-document positions j < p attend over their document's positions <= j,
+gathered from earlier shards where they live (``context_parallel_document_attention``, RoPE at
+in-document positions), the others take the SSM, and the norm gates by in-document position.
 """
 
 from __future__ import annotations
@@ -42,10 +47,14 @@ from torch import Tensor
 from megatron_transmamba.config import TransMambaConfig
 from megatron_transmamba.layers.mixer_core import BACKENDS, _processed_dt
 from megatron_transmamba.layers.packed_documents import PackedDocuments
+from megatron_transmamba.layers.rotary import apply_rope_at
 from megatron_transmamba.parallel.context_parallel_attention import context_parallel_prefix_attention
 from megatron_transmamba.parallel.context_parallel_conv import context_parallel_causal_conv1d_silu
+from megatron_transmamba.parallel.context_parallel_documents import (
+    context_parallel_document_attention)
 from megatron_transmamba.parallel.context_parallel_ssd import SCANS, context_parallel_ssd
 from megatron_transmamba.parallel.tensor_parallel import local_components, split_sharded_tensor
+from transmamba_kernels.norm.naive import gated_rmsnorm_naive
 
 IN_PROJ_COMPONENTS = ("z", "x", "B", "C", "dt")
 CONV_COMPONENTS = ("x", "B", "C")
@@ -53,6 +62,17 @@ CONV_COMPONENTS = ("x", "B", "C")
 
 def _mark_tensor_parallel(param: nn.Parameter) -> None:
     tensor_parallel.set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
+
+
+def _gated_rmsnorm_triton(*args, **kwargs) -> Tensor:
+    from transmamba_kernels.norm.gated_rmsnorm import gated_rmsnorm_triton
+
+    return gated_rmsnorm_triton(*args, **kwargs)
+
+
+# mixer_backend -> the gated norm that gates by each token's ``position_ids`` (packed documents
+# under CP, whose positions continue across shards)
+POSITION_NORMS = {"torch": gated_rmsnorm_naive, "triton": _gated_rmsnorm_triton}
 
 
 def _initialized_later(weight: Tensor) -> None:
@@ -102,6 +122,7 @@ class TransMambaMixer(MegatronModule):
         self.softmax_scale = 1.0 / math.sqrt(N)
         self.conv_silu, self.core, self.gated_norm = BACKENDS[config.mixer_backend]
         self.cp_scan = SCANS[config.mixer_backend]
+        self.position_norm = POSITION_NORMS[config.mixer_backend]
         self.recompute_core = (config.recompute_granularity == "selective"
                                and "core_attn" in config.recompute_modules)
         # Full (TP = 1) sizes of the components of in_proj's rows and of the conv channels.
@@ -207,11 +228,15 @@ class TransMambaMixer(MegatronModule):
                             documents, y_prefix=y_prefix)
         return y
 
-    def _core_forward_cp(self, projected: Tensor, rotary_pos_emb: Optional[Tensor]) -> Tensor:
+    def _core_forward_cp(self, projected: Tensor, rotary_pos_emb: Optional[Tensor],
+                         documents: Optional[PackedDocuments] = None) -> Tensor:
         """``_core_forward`` of this rank's CP shard [B, S, local width] -> [B, S, local H*P].
         Every rank issues the same collectives in the same order, forward (halo, SSD summaries,
         attention keys) and backward (attention, SSD, halo), whether or not its shard has
-        prefix or SSM rows: which ones run depends only on the global p."""
+        prefix or SSM rows: which ones run depends only on the global p (and, with packed
+        ``documents``, the whole micro-batch's documents)."""
+        if documents is not None:
+            return self._core_forward_cp_packed(projected, rotary_pos_emb, documents)
         batch, shard = projected.shape[:2]
         total = self.cp_size * shard
         p = max(0, min(self.transpoint, total))
@@ -250,22 +275,66 @@ class TransMambaMixer(MegatronModule):
                                self.groups, self.config.layernorm_epsilon, local_p, None,
                                y_prefix=y_prefix)
 
+    def _core_forward_cp_packed(self, projected: Tensor, rotary_pos_emb: Optional[Tensor],
+                                documents: PackedDocuments) -> Tensor:
+        """``_core_forward_cp`` with packed documents (``documents``: this rank's shard)."""
+        batch, shard = projected.shape[:2]
+        p = max(0, self.transpoint)
+        positions = documents.position_ids                          # [B, S] in-document
+        z, xBC, dt = torch.split(projected, [self.inner, self.conv_channels, self.heads], dim=-1)
+        xBC = context_parallel_causal_conv1d_silu(xBC, self.conv1d.weight, self.conv1d.bias,
+                                                  self.cp_group, conv=self.conv_silu,
+                                                  seq_idx=documents.seq_idx,
+                                                  position_ids=positions)
+        x, B, C = torch.split(xBC, [self.inner, self.groups * self.state_dim,
+                                    self.groups * self.state_dim], dim=-1)
+        x = x.reshape(batch, shard, self.heads, self.head_dim)
+        B = B.reshape(batch, shard, self.groups, self.state_dim)
+        C = C.reshape(batch, shard, self.groups, self.state_dim)
+        y = None
+        # as without documents, whatever their lengths: the parameters that get a gradient do
+        # not depend on the data (overlapped gradient reduction waits for each of them)
+        if p < self.cp_size * shard:
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            dt, A = _processed_dt(dt, self.dt_bias, self.A_log, tuple(self.config.dt_limit), acc)
+            # the Triton scan counts its TransPoint from each document's first local token
+            y = context_parallel_ssd(x, dt, A, B, C, self.config.ssd_chunk_size, D=self.D.to(acc),
+                                     cp_group=self.cp_group, scan=self.cp_scan,
+                                     transpoint=max(0, p - documents.max_offset),
+                                     seq_idx=documents.seq_idx,
+                                     position_ids=positions).to(x.dtype)   # [B, S, H, P]
+        if p > 0:
+            q, k = C, B
+            if rotary_pos_emb is not None and self.config.mixer_position_embedding == "rope":
+                q, k = (apply_rope_at(t, rotary_pos_emb, positions) for t in (C, B))
+            values = x if y is None else _BackwardAfter.apply(x, y)
+            values = values.reshape(batch, shard, self.groups, self.inner // self.groups)
+            attention = context_parallel_document_attention(
+                q, k, values, documents, self.softmax_scale, self.cp_group, limit=p)
+            attention = attention.reshape(batch, shard, self.heads, self.head_dim)
+            y = attention if y is None else torch.where((positions < p)[..., None, None],
+                                                        attention, y)
+        return self.position_norm(y.reshape(batch, shard, self.inner), z, self.norm_weight,
+                                  self.groups, self.config.layernorm_epsilon, p,
+                                  position_ids=positions)
+
     def forward(self, hidden_states: Tensor, rotary_pos_emb: Optional[Tensor] = None,
                 packed_seq_params: Optional[PackedDocuments] = None,
                 **unused) -> tuple[Tensor, None]:
         """hidden_states: [S, B, d]; rotary_pos_emb: [S_max, 1, 1, N] (megatron RotaryEmbedding);
         packed_seq_params: the documents of the [B, S] micro-batch (whole S: under sequence
         parallelism in_proj has gathered the sequence before the core sees it). Under context
-        parallelism S is this rank's shard and rotary_pos_emb the table of all R S positions."""
-        if self.cp_size > 1 and packed_seq_params is not None:
-            raise NotImplementedError(
-                "packed documents (data.reset_at_eod) with context parallelism are not "
-                "supported: set data.reset_at_eod=false or parallel.context_parallel_size=1")
+        parallelism S is this rank's shard, rotary_pos_emb the table of all R S positions and
+        packed_seq_params this rank's ``PackedDocuments.shard``."""
+        if packed_seq_params is not None and packed_seq_params.cp_size != self.cp_size:
+            raise ValueError(f"packed documents of {packed_seq_params.cp_size} context-parallel "
+                             f"shard(s) given to a mixer with {self.cp_size}: pass "
+                             "PackedDocuments.shard(cp_rank, cp_size)")
         projected, _ = self.in_proj(hidden_states)                    # [S, B, local width]
         projected = projected.transpose(0, 1)                         # [B, S, ...]
         core_forward = self._core_forward if self.cp_size == 1 else self._core_forward_cp
         if packed_seq_params is not None:   # megatron's checkpoint saves only tensor arguments
-            core_forward = partial(self._core_forward, documents=packed_seq_params)
+            core_forward = partial(core_forward, documents=packed_seq_params)
         if self.recompute_core and torch.is_grad_enabled():
             # selective recomputation: keep in_proj's output, run the conv, the core and the
             # gated norm again in backward (megatron's checkpoint keeps the TP RNG tracker)

@@ -19,7 +19,9 @@ residual None. The torch backend (the reference) adds in every layer.
 
 Packed documents (``cu_seqlens``, docs/model.md): the [B, S] layout stays; every layer gets
 the same ``PackedDocuments`` and keeps attention, conv and SSM state inside each document,
-and RoPE positions restart at each document start.
+and RoPE positions restart at each document start. Under context parallelism the documents
+are built for the whole [B, R S] micro-batch and every layer gets this rank's
+``PackedDocuments.shard``: documents cross shards and keep counting their positions.
 """
 
 from __future__ import annotations
@@ -206,17 +208,17 @@ class TransMambaLanguageModel(LanguageModule):
         the row-major flattened B*S tokens (megatron's ``PackedSeqParams.cu_seqlens_q`` of the
         micro-batch seen as one packed row), every row start r*S among them. Each document
         then runs as if it were alone in its row: the same on every TP rank and every
-        pipeline stage (each stage passes the same ``cu_seqlens``)."""
+        pipeline stage (each stage passes the same ``cu_seqlens``). Under context parallelism
+        every CP rank passes the whole micro-batch's ``cu_seqlens`` (offsets in B x R S)."""
         seq_len = input_ids.shape[1]      # this context-parallel rank's shard of T = seq_len x CP
         documents = None
-        if cu_seqlens is not None and self.cp_size > 1:
-            raise NotImplementedError("packed documents (data.reset_at_eod) with "
-                                      "parallel.context_parallel_size > 1 are not supported")
         if cu_seqlens is not None:
             if self.use_transformer_engine and "*" in self.config.layer_pattern:
                 raise NotImplementedError("packed documents (cu_seqlens) need the SDPA "
                                           "attention of '*' layers, not Transformer Engine's")
-            documents = PackedDocuments.from_cu_seqlens(cu_seqlens, input_ids.shape[0], seq_len)
+            documents = PackedDocuments.from_cu_seqlens(
+                cu_seqlens, input_ids.shape[0], seq_len * self.cp_size).shard(self.cp_rank,
+                                                                              self.cp_size)
         if position_ids is None:
             start = self.cp_rank * seq_len
             position_ids = torch.arange(start, start + seq_len, device=input_ids.device)[None]
@@ -225,17 +227,18 @@ class TransMambaLanguageModel(LanguageModule):
         else:
             hidden = self.input_tensor                      # from the previous stage
         # RoPE tables: '*' layers rotate their head dim, mixers their state dim N. Under context
-        # parallelism '*' layers get this shard's global positions; mixers get every position
-        # (their attention prefix reads the keys of earlier shards).
+        # parallelism '*' layers get this shard's global positions (packed: each token's
+        # position in its document); mixers get every position (their attention prefix reads
+        # the keys of earlier shards).
         attention_rope = mixer_rope = None
         total = seq_len * self.cp_size
         if self.attention_rope_dim:
             attention_rope = rope_table(total, self.attention_rope_dim, self.config.rope_theta,
                                         input_ids.device)
-            if self.cp_size > 1:
-                attention_rope = attention_rope[self.cp_rank * seq_len:][:seq_len]
             if documents is not None:   # [S, B, 1, dim]: positions inside each document
                 attention_rope = documents.rotary_table(attention_rope)
+            elif self.cp_size > 1:
+                attention_rope = attention_rope[self.cp_rank * seq_len:][:seq_len]
         if self.mixer_rope_dim:
             mixer_rope = rope_table(total, self.mixer_rope_dim, self.config.rope_theta, input_ids.device)
         residual = None      # the residual stream is hidden + residual (None: hidden alone)

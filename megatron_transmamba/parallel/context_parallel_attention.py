@@ -25,8 +25,9 @@ SSM state passing of the T / M layers needs contiguous shards (rank r's scan sta
 r - 1's final state) and the residual stream keeps one layout for every layer, so shards stay
 contiguous. With the V9 TransPoint schedule at CP = 4 the TransMamba prefix does per 8 layers
 roughly 3.3, 6, 5, 7 units of S^2 / 2 on ranks 0..3 (~1.3x the mean; the SSM suffix, the
-complement, partly evens this out). Not done: packed documents, a ring (send/recv of K/V blocks
-overlapped with compute, skipping ranks past p) instead of the all-gather, attention dropout.
+complement, partly evens this out). Packed documents take ``context_parallel_documents``. Not
+done: a ring (send/recv of K/V blocks overlapped with compute, skipping ranks past p) instead of
+the all-gather, attention dropout.
 """
 from functools import partial
 from typing import Optional

@@ -13,9 +13,12 @@ Traffic per conv layer: B x (W-1) x C elements per rank each way, in forward and
 backward (point-to-point to the neighbour only, independent of S and of the CP size).
 The mixer (layers/transmamba_mixer.py) runs it with its backend's conv: the plain-PyTorch
 ``causal_conv1d_silu_naive`` or the Triton conv, each on the concatenated [halo | shard] copy.
-Not done here: packed documents whose boundaries cross shards (the halo would need the
-previous shard's ``seq_idx`` too) and a Triton conv that reads the halo as an initial conv
-state instead of the concatenated copy (one fewer pass over the shard's conv input).
+Packed documents (``seq_idx`` and in-document ``position_ids`` of the shard): halo row j, at
+distance W-1-j before the shard's first token, belongs to that token's document exactly when
+the token's position is at least W-1-j; the other halo rows get another document index, so the
+conv's ``seq_idx`` mask reads them as zero. No document index crosses the wire. Not done: a
+Triton conv that reads the halo as an initial conv state instead of the concatenated copy
+(one fewer pass over the shard's conv input).
 """
 from __future__ import annotations
 
@@ -72,7 +75,8 @@ class _HaloExchange(torch.autograd.Function):
 
 def context_parallel_causal_conv1d_silu(
     x: Tensor, weight: Tensor, bias: Tensor, cp_group=None,
-    conv: Callable[[Tensor, Tensor, Tensor], Tensor] = causal_conv1d_silu_naive,
+    conv: Callable[..., Tensor] = causal_conv1d_silu_naive,
+    seq_idx: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
 ) -> Tensor:
     """Causal depthwise conv + bias + SiLU of this rank's sequence shard.
 
@@ -80,23 +84,34 @@ def context_parallel_causal_conv1d_silu(
         x: [B, S, C] this rank's contiguous shard (rank r of cp_group: tokens [r*S, (r+1)*S)).
         weight: [C, 1, W] depthwise conv weight; bias: [C].
         cp_group: the context-parallel process group; None or size 1 runs the plain conv.
-        conv: the single-sequence conv, (x [B, T, C], weight, bias) -> [B, T, C].
+        conv: the single-sequence conv, (x [B, T, C], weight, bias, seq_idx=None) -> [B, T, C].
+        seq_idx, position_ids: [B, S] packed documents of the shard: each token's document
+            index and its position inside the whole document (a document that started on an
+            earlier rank continues its count); both or neither.
 
     Returns:
         [B, S, C], equal to rows [r*S, (r+1)*S) of ``conv`` over the whole sequence.
     """
     if x.dim() != 3:
         raise ValueError(f"x must be [B, S, C], got {tuple(x.shape)}")
+    if (seq_idx is None) != (position_ids is None):
+        raise ValueError("context-parallel conv: pass seq_idx and position_ids together")
+    documents = () if seq_idx is None else (seq_idx,)
     if cp_group is None or dist.get_world_size(cp_group) == 1:
-        return conv(x, weight, bias)
+        return conv(x, weight, bias, *documents)
     halo_len, shard_len = weight.shape[-1] - 1, x.shape[1]
     if halo_len == 0:
-        return conv(x, weight, bias)
+        return conv(x, weight, bias, *documents)
     if shard_len < halo_len:
         raise ValueError(
             f"context-parallel conv: the shard length S = {shard_len} is shorter than the halo "
             f"W - 1 = {halo_len}; each shard must hold at least W - 1 tokens"
         )
     halo = _HaloExchange.apply(x[:, shard_len - halo_len:], cp_group)  # [B, W-1, C]
-    out = conv(torch.cat([halo, x], dim=1), weight, bias)              # [B, W-1+S, C]
+    if seq_idx is not None:
+        first = seq_idx[:, :1]                                         # [B, 1]
+        distance = torch.arange(halo_len, 0, -1, device=x.device)      # W-1 .. 1
+        same = position_ids[:, :1] >= distance                         # [B, W-1]
+        documents = (torch.cat([torch.where(same, first, first - 1), seq_idx], dim=1),)
+    out = conv(torch.cat([halo, x], dim=1), weight, bias, *documents)  # [B, W-1+S, C]
     return out[:, halo_len:]

@@ -17,10 +17,21 @@ For a TransMamba layer the scan covers the whole shard: the Memory Converter's s
 TransPoint p is the scan's state there, so only the outputs of tokens t < p are dropped.
 Bytes moved per SSD layer per rank, forward: one all-gather of R x B x (H + H P N) floats
 (float32, or float64 for float64 inputs), with no T in it; the backward moves the same amount
-once more (an all-to-all on gloo, a reduce-scatter on NCCL). Not done: replacing the rescan
-by a correction of the first scan's outputs (``y += C_t exp(cumulative decay) h_in``), packed
-documents (``seq_idx``) and an ``initial_states`` for the first shard.
+once more (an all-to-all on gloo, a reduce-scatter on NCCL).
+
+Packed documents (``seq_idx`` and in-document ``position_ids`` of the shard; documents may
+cross shards): both scans reset the state at every document start inside the shard. A row
+whose shard holds a document start summarises to log decay -inf (nothing before that start
+reaches later shards) and to the final state of its last document scanned from zero; a row
+without one summarises as above. The composed state then enters only the row's first
+document, and only when that document continues from the previous shard (its first position
+is not 0): it is that document's initial state in the rescan (the scans' per-document
+``initial_states``), every other document starts from zero. Not done: replacing the rescan by
+a correction of the first scan's outputs (``y += C_t exp(cumulative decay) h_in``) and an
+``initial_states`` for the first shard.
 """
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -32,20 +43,22 @@ __all__ = ["context_parallel_ssd", "naive_scan", "triton_scan", "SCANS"]
 
 
 def naive_scan(x, dt, A, B, C, chunk_size, D=None, initial_states=None,
-               return_final_states=False, transpoint=0):
+               return_final_states=False, transpoint=0, seq_idx=None):
     """``chunk_ssd_naive`` with the Triton scan's signature; it computes the output rows before
     ``transpoint`` too (the caller does not read them)."""
     return chunk_ssd_naive(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_states,
-                           return_final_states=return_final_states)
+                           seq_idx=seq_idx, return_final_states=return_final_states)
 
 
 def triton_scan(x, dt, A, B, C, chunk_size, D=None, initial_states=None,
-                return_final_states=False, transpoint=0):
-    """``chunk_ssd_triton`` on processed dt: output rows before ``transpoint`` are zeros."""
+                return_final_states=False, transpoint=0, seq_idx=None):
+    """``chunk_ssd_triton`` on processed dt: output rows before ``transpoint`` (counted in
+    each document with ``seq_idx``) are zeros."""
     from transmamba_kernels.ssd.chunk import chunk_ssd_triton
 
     return chunk_ssd_triton(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_states,
-                            return_final_states=return_final_states, transpoint=transpoint)
+                            seq_idx=seq_idx, return_final_states=return_final_states,
+                            transpoint=transpoint)
 
 
 # mixer_backend -> the scan context_parallel_ssd runs
@@ -64,7 +77,7 @@ def _gather_summaries(log_decay, final_state, cp_group):
 
 
 def context_parallel_ssd(x, dt, A, B, C, chunk_size, D=None, cp_group=None, scan=naive_scan,
-                         transpoint=0):
+                         transpoint=0, seq_idx=None, position_ids=None):
     """SSD scan of one CP shard, equal to the matching slice of the full-sequence scan.
 
     Args:
@@ -79,7 +92,11 @@ def context_parallel_ssd(x, dt, A, B, C, chunk_size, D=None, cp_group=None, scan
             ``scan``.
         scan: ``naive_scan`` or ``triton_scan`` (``SCANS``), or any function of their signature.
         transpoint: local index of this shard's first output row that is read; rows before it
-            may be zeros (the Triton scan skips them). States always cover every row.
+            may be zeros (the Triton scan skips them; with documents it counts from each
+            document's first local token). States always cover every row.
+        seq_idx, position_ids: [B, S] packed documents (both or neither): each token's
+            document index, non-decreasing along S, and its position inside the whole document
+            (a document started on an earlier rank continues its count).
 
     Returns:
         y [B, S, H, P], this rank's slice of the full-sequence output (rows >= transpoint).
@@ -87,13 +104,36 @@ def context_parallel_ssd(x, dt, A, B, C, chunk_size, D=None, cp_group=None, scan
         run the backward (it is collective). Gradients of the replicated A and D are this
         rank's share: their sum over the CP group is the full-sequence gradient.
     """
+    if (seq_idx is None) != (position_ids is None):
+        raise ValueError("context_parallel_ssd: pass seq_idx and position_ids together")
+    documents = {} if seq_idx is None else {"seq_idx": seq_idx}
     if cp_group is None or dist.get_world_size(group=cp_group) == 1:
-        return scan(x, dt, A, B, C, chunk_size, D=D, transpoint=transpoint)
+        return scan(x, dt, A, B, C, chunk_size, D=D, transpoint=transpoint, **documents)
     # outputs of the first scan are never read: the Triton scan skips them all
     _, local_final = scan(x, dt, A, B, C, chunk_size, return_final_states=True,
-                          transpoint=x.shape[1])
+                          transpoint=x.shape[1], **documents)
+    if seq_idx is not None:     # one final state per document: keep each row's last
+        first_doc, last_doc = _row_documents(seq_idx)
+        document_finals = local_final
+        local_final = document_finals.index_select(0, last_doc)
     log_decay, local_final = shard_summary(dt, A, local_final)
+    if seq_idx is not None:     # a document start cuts what came before it off
+        log_decay = log_decay.masked_fill((position_ids == 0).any(dim=1)[:, None], -math.inf)
     log_decays, final_states = _gather_summaries(log_decay, local_final, cp_group)
     initial_state = compose_initial_states(log_decays, final_states)[dist.get_rank(group=cp_group)]
+    if seq_idx is not None:     # only a first document that continues from the last shard
+        continues = (position_ids[:, 0] > 0).to(initial_state.dtype)[:, None, None, None]
+        initial_state = torch.zeros_like(document_finals, dtype=initial_state.dtype).index_copy(
+            0, first_doc, initial_state * continues)                  # [num_docs, H, P, N]
     return scan(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_state,
-                transpoint=transpoint)
+                transpoint=transpoint, **documents)
+
+
+def _row_documents(seq_idx):
+    """(first, last) [B] indices of each row's first and last document in the scans' numbering
+    (documents in order of appearance, row by row)."""
+    starts = torch.ones_like(seq_idx, dtype=torch.bool)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    per_row = starts.sum(dim=1)
+    first = torch.cumsum(per_row, 0) - per_row
+    return first, first + per_row - 1

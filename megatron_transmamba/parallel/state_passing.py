@@ -59,7 +59,8 @@ def compose_initial_states(log_decays, final_states, initial_state=None):
     out[0] is h_0 (zeros when ``initial_state`` is None).
 
     Args:
-        log_decays: [R, B, H] log total decay of each shard (``shard_summary``).
+        log_decays: [R, B, H] log total decay of each shard (``shard_summary``); -inf for a
+            shard that forgets everything before it (a packed document starts in it).
         final_states: [R, B, H, P, N] each shard's final state from a zero start.
         initial_state: [B, H, P, N] state before the first token of shard 0, or None.
 

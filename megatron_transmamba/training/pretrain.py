@@ -168,7 +168,7 @@ def check_context_parallel(cfg: RunConfig, model_config: TransMambaConfig) -> No
                          f"divisible by parallel.tensor_model_parallel_size={tp} under "
                          "parallel.sequence_parallel")
     unsupported = [name for name, on in (
-        ("data.reset_at_eod", cfg.data.reset_at_eod), ("training.compile", cfg.training.compile),
+        ("training.compile", cfg.training.compile),
         ("training.cuda_graphs", cfg.training.cuda_graphs)) if on]
     if unsupported:
         raise ValueError(f"parallel.context_parallel_size={cp} does not support "
@@ -345,9 +345,10 @@ def lm_forward_step(data_iterator: Iterator, model, device: torch.device, cp_gro
     runs its documents apart; every pipeline stage reads the same batch, so each gets them.
 
     Context parallelism (``cp_group`` of R > 1 ranks): every rank of the group reads the same
-    batch and keeps its contiguous shard of T / R tokens; the loss is this shard's masked sum
-    over the mask's sum on all shards (one all-reduce), so the R shards' losses add up to the
-    full sequence's. megatron-core's schedule multiplies the loss by R before backward, which
+    batch and keeps its contiguous shard of T / R tokens, and passes the whole micro-batch's
+    ``cu_seqlens`` (the model takes its shard of the documents); the loss is this shard's masked
+    sum over the mask's sum on all shards (one all-reduce), so the R shards' losses add up to
+    the full sequence's. megatron-core's schedule multiplies the loss by R before backward, which
     DDP's average over the data- and context-parallel ranks undoes."""
     batch = next(data_iterator)
     shard = slice(None)

@@ -112,8 +112,8 @@ def _case(backend: str, query_groups: int, groups, calls: dict) -> dict:
 
 
 def _refusals(groups) -> dict:
-    """Attention dropout, packed documents and a key/value cache under CP must fail in one
-    clear line."""
+    """Attention dropout, packed documents not cut into this rank's shard and a key/value
+    cache under CP must fail in one clear line."""
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_transmamba.layers.attention import SDPAttention
@@ -133,7 +133,7 @@ def _refusals(groups) -> dict:
                                                 batch=1, seq_len=SEQLEN // cp)
     try:
         core(q, q, q, None, packed_seq_params=documents)
-    except NotImplementedError as error:
+    except ValueError as error:
         found["packed"] = str(error)
     try:
         core(q[:1], q, q, None)                 # one new query against a key/value cache
@@ -202,12 +202,12 @@ def test_context_parallel_layer_equals_full_sequence_layer(cp, backend, query_gr
     assert seen == WORLD
 
 
-def test_context_parallel_refuses_dropout_packed_documents_and_a_cache(reports):
+def test_context_parallel_refuses_dropout_unsharded_documents_and_a_cache(reports):
     for report in reports:
         for cp in map(str, CP_SIZES):
             refusals = report["refusals"][cp]
             assert "dropout is not supported under context parallelism" in refusals["dropout"]
-            assert "packed documents with context parallelism" in refusals["packed"]
+            assert f"documents of CP rank 0 of 1 given to a CP group of {cp}" in refusals["packed"]
             assert "cache (inference) with context parallelism" in refusals["cache"]
 
 

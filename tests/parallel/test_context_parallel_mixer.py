@@ -13,8 +13,9 @@ reference. TransPoints: 0, inside the first shard, on a shard boundary, inside a
 and T, with RoPE; others without RoPE and with a dt_limit clamp that binds, and with selective
 recompute of the core (``cases``). Every rank logs the collectives it issues (name and size,
 forward and backward): they must be the same sequence on all ranks. Last, packed documents
-with CP > 1 must raise. Measured: float64 errors below 2e-15 of the reference's largest entry,
-float32 ones (triton, and the float32 dt_bias / A_log / D gradients) below 3e-6.
+not cut into this rank's shard must raise (packed documents under CP:
+test_context_parallel_packed.py). Measured: float64 errors below 2e-15 of the reference's
+largest entry, float32 ones (triton, and the float32 dt_bias / A_log / D gradients) below 3e-6.
 """
 import json
 import os
@@ -225,7 +226,7 @@ def _packed_error(tp_group, cp_group) -> str:
     documents = PackedDocuments.from_cu_seqlens(torch.tensor([0, 7, shard, 2 * shard]), 2, shard)
     try:
         mixer(torch.randn(shard, 2, HIDDEN, dtype=torch.float64), packed_seq_params=documents)
-    except NotImplementedError as error:
+    except ValueError as error:
         return str(error)
     return ""
 
@@ -292,12 +293,12 @@ def test_every_rank_issues_the_same_collectives(reports, layout):
             assert other["collectives"] == calls, f"rank {rank} vs rank 0, case {result['case']}"
 
 
-def test_packed_documents_with_context_parallelism_raise(reports):
+def test_packed_documents_of_the_whole_sequence_raise(reports):
     for report in reports:
         message = report["packed_error"]
-        assert message.startswith("packed documents (data.reset_at_eod) with context parallelism")
-        assert "data.reset_at_eod=false" in message and "context_parallel_size=1" in message
-        assert "\n" not in message
+        assert message.startswith("packed documents of 1 context-parallel shard(s) given to a "
+                                  "mixer with 4")
+        assert "PackedDocuments.shard(cp_rank, cp_size)" in message and "\n" not in message
 
 
 def test_group_of_one_is_the_plain_mixer(megatron_single_process):

@@ -4,9 +4,11 @@ One process trains the tiny model of ``context_parallel_common.py`` for 20 steps
 run must repeat its losses at CP = 2, CP = 2 x TP = 2 (sequence parallel), CP = 2 x DP = 2,
 CP = 2 x PP = 2 and CP = 2 x PP = 2 x DP = 2; a CP = 2 run stopped at step 10 must resume
 from its checkpoint at CP = 1 (in this process) and at CP = 4 with the losses of the
-uninterrupted run. Tolerance 1e-4 absolute (float32: the state passing, the gathered
-attention and the CP loss sum add in another order than one process does; measured below
-1e-5 over the 20 steps). Bad CP layouts fail before any process group starts.
+uninterrupted run. With packed documents (``data.reset_at_eod`` on a corpus of short
+documents, ``packed_run_config``) CP = 2 must repeat one process's losses over 5 steps.
+Tolerance 1e-4 absolute (float32: the state passing, the gathered attention and the CP loss
+sum add in another order than one process does; measured below 1e-5 over the 20 steps).
+Bad CP layouts fail before any process group starts.
 """
 
 import shutil
@@ -18,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from context_parallel_common import STOP_AT, TRAIN_ITERS, run_config  # noqa: E402
+from context_parallel_common import (PACKED_ITERS, STOP_AT, TRAIN_ITERS,  # noqa: E402
+                                     packed_run_config, run_config)
 from test_data_parallel import read_ranks, torchrun  # noqa: E402
 
 WORKER = Path(__file__).with_name("context_parallel_worker.py")
@@ -41,9 +44,17 @@ def reference(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cp2_runs(tmp_path_factory):
+def short_corpus(tmp_path_factory):
+    """Documents of 1 to 40 bytes: a 32-token sample holds several, and many cross token 16."""
+    from helpers import short_documents_corpus
+    return short_documents_corpus(str(tmp_path_factory.mktemp("corpus") / "short"), "abc \n",
+                                  40, 500)
+
+
+@pytest.fixture(scope="module")
+def cp2_runs(tmp_path_factory, short_corpus):
     out = tmp_path_factory.mktemp("cp2")
-    result = torchrun([WORKER, "cp2", out], 2)
+    result = torchrun([WORKER, "cp2", out, short_corpus], 2)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     assert "x CP=2 x DP=1 = 2 ranks" in result.stdout
     return out, read_ranks(out, 2)
@@ -56,6 +67,20 @@ def test_cp2_matches_one_process(reference, cp2_runs):
         assert losses(runs["cp2"]) == pytest.approx(reference, abs=LOSS_TOL)
         stopped = runs["stopped"]["losses"]
         assert sorted(map(int, stopped)) == list(range(1, STOP_AT + 1))
+
+
+def test_cp2_with_packed_documents_matches_one_process(cp2_runs, short_corpus, tmp_path):
+    from megatron_transmamba.training.pretrain import pretrain
+    _, ranks = cp2_runs
+    result = pretrain(packed_run_config(tmp_path, short_corpus))
+    want = [result.train_losses[step] for step in range(1, PACKED_ITERS + 1)]
+    # documents crossed the shard boundary: rank 1's rows continued rank 0's documents
+    assert [runs["packed"]["continued"] > 0 for runs in ranks] == [False, True]
+    for runs in ranks:
+        assert runs["packed"]["layout"]["context_parallel_size"] == 2
+        assert runs["packed"]["shards"] == PACKED_ITERS * 2, runs["packed"]   # 2 micro-batches
+        got = [runs["packed"]["losses"][str(step)] for step in range(1, PACKED_ITERS + 1)]
+        assert got == pytest.approx(want, abs=LOSS_TOL)
 
 
 def test_cp2_checkpoint_resumes_at_cp1(reference, cp2_runs, tmp_path):
@@ -101,8 +126,6 @@ def test_cp2_x_pp2_x_dp2_matches_one_process(reference, tmp_path):
          "sequence_parallel": True}, {"model.seq_length": 34},
      "each context-parallel shard (34 / 2 = 17 tokens) must be divisible by "
      "parallel.tensor_model_parallel_size=2"),
-    (2, {"context_parallel_size": 2}, {"data.reset_at_eod": True},
-     "parallel.context_parallel_size=2 does not support data.reset_at_eod=true yet"),
     (2, {"context_parallel_size": 0}, {}, "parallel.context_parallel_size (0) must be >= 1"),
 ])
 def test_bad_context_parallel_layouts_name_the_field(tmp_path, world_size, parallel, changes,
