@@ -83,8 +83,15 @@ def transmamba_core_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
         without the z gate) for t >= p (t and p counted inside each document).
     """
     if documents is not None:
-        return _per_document(documents, lambda *parts: transmamba_core_torch(
+        y = _per_document(documents, lambda *parts: transmamba_core_torch(
             *parts[:5], D, transpoint, chunk_size, softmax_scale, rotary), x, dt, A, B, C)
+        if documents.max_length <= transpoint < x.shape[1]:
+            # No document reaches its SSM tokens in this micro-batch. A layer with SSM tokens
+            # gives dt, A and D a gradient in every step (zero here), so the parameter set
+            # that gets gradients does not depend on the data (megatron-core's overlapped
+            # gradient reduction waits for every parameter).
+            y = y + 0.0 * (dt.sum() + A.sum() + D.sum()).to(y.dtype)
+        return y
     seq_len = x.shape[1]
     p = max(0, min(int(transpoint), seq_len))
     parts = []
@@ -274,9 +281,9 @@ def _core_triton_packed(x, dt, A, B, C, D, transpoint, chunk_size, softmax_scale
 
     p = max(0, int(transpoint))
     y = None
-    if documents.max_length > p:
+    if p < x.shape[1]:     # also when no document is longer than p: every step, the same
         y = chunk_ssd_triton(x, dt, A, B, C, chunk_size, D=D, seq_idx=documents.seq_idx,
-                             transpoint=p)
+                             transpoint=p)     # parameters get gradients (zero ones here)
     if p == 0:
         return y
 

@@ -151,3 +151,17 @@ def test_document_attention_equals_causal_attention_per_document(limit):
         want[row:row + 1, start:end] = attend(q[row:row + 1, start:end],
                                               k[row:row + 1, start:end], v[row:row + 1, start:end])
     torch.testing.assert_close(out, want, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend, dtype", [("torch", torch.float64), ("triton", torch.float32)])
+def test_ssm_parameters_get_gradients_when_no_document_reaches_the_transpoint(backend, dtype):
+    """Every document shorter than p < T: dt_bias, A_log and D still get (zero) gradients, so
+    megatron-core's overlapped gradient reduction sees the same parameters in every step."""
+    mixer = make_mixer(backend, dtype)
+    mixer.transpoint = 10
+    rows = [[5, 8, 8], [2, 9, 10]]
+    documents = PackedDocuments.from_cu_seqlens(cu_seqlens(rows), len(rows), SEQ)
+    hidden = torch.randn(SEQ, len(rows), 16, dtype=dtype)
+    _, _, grads = run(mixer, hidden, torch.randn_like(hidden), documents)
+    for name in ("dt_bias", "A_log", "D"):
+        assert name in grads and torch.count_nonzero(grads[name]) == 0, name
