@@ -1,8 +1,7 @@
 """Training checkpoint <-> Hugging Face folder, verified by running both models.
 
 ``export_checkpoint`` reads a checkpoint folder (``iter_XXXXXXX``: dist_checkpointing's whole
-tensors, whose mixer components are joined; or, for the older formats, one file per rank whose
-pipeline stages are joined and tensor-parallel shards merged) into full tensors, and writes a
+tensors, whose mixer components are joined) into full tensors, and writes a
 ``trust_remote_code`` folder: config.json (``model_type`` transmamba,
 ``architectures``, ``auto_map`` and the training run config for the way back),
 configuration/modeling files, sharded safetensors with ``model.safetensors.index.json``,
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from typing import Optional
@@ -30,12 +28,10 @@ from megatron_transmamba.training import checkpoint as ckpt
 REMOTE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote")
 REMOTE_FILES = ("configuration_transmamba.py", "modeling_transmamba.py")
 INDEX_FILE = "model.safetensors.index.json"
-_LOCAL_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
 class VerificationError(RuntimeError):
     """The exported model does not reproduce the training model's logits."""
-
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -57,38 +53,14 @@ def model_config_from_run_config(run_config: dict) -> TransMambaConfig:
 
 
 def read_checkpoint(path: str) -> tuple[dict, TransMambaConfig, dict, int]:
-    """(full tensors, model config, run config dict, step) of a training checkpoint at any
-    tensor / pipeline (and virtual pipeline) parallel layout."""
+    """(full tensors, model config, run config dict, step) of a training checkpoint saved at any
+    tensor / pipeline (and virtual pipeline) parallel layout: it stores whole tensors."""
     path = resolve_checkpoint(path)
-    if ckpt.checkpoint_format(path) == ckpt.FORMAT_VERSION:    # dist_checkpointing: whole tensors
-        info = ckpt.read_info(path)
-        run_config = _run_config_of(path, info)
-        config = model_config_from_run_config(run_config)
-        full = _join_components(ckpt.load_model_tensors(path))
-        return W.merge_tensor_parallel([full], config), config, run_config, int(info["step"])
-    layout_path = os.path.join(path, ckpt.LAYOUT_FILE)
-    if not os.path.isfile(layout_path):                    # format 1: one process
-        state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
-        run_config = _run_config_of(path, state)
-        config = model_config_from_run_config(run_config)
-        return (W.merge_tensor_parallel([state["model"]], config), config, run_config,
-                int(state.get("step", 0)))
-    with open(layout_path) as f:
-        layout = json.load(f)
-    tp = layout.get("tensor_model_parallel_size", 1)
-    pp = layout.get("pipeline_model_parallel_size", 1)
-    dp = layout.get("world_size", tp * pp) // (tp * pp)
-    # megatron's rank order (tp-cp-ep-dp-pp): rank = tp_rank + tp * dp_rank + tp * dp * pp_rank;
-    # data-parallel replicas (dp_rank > 0) are not read.
-    states = {(t, s): torch.load(os.path.join(path, f"rank_{t + tp * dp * s:05d}.pt"),
-                                 map_location="cpu", weights_only=False)
-              for t in range(tp) for s in range(pp)}
-    run_config = _run_config_of(path, states[0, 0])
+    info = ckpt.read_info(path)
+    run_config = _run_config_of(path, info)
     config = model_config_from_run_config(run_config)
-    shards = [_join_pipeline_stages([states[t, s]["model"] for s in range(pp)], run_config, pp)
-              for t in range(tp)]
-    return (W.merge_tensor_parallel(shards, config), config, run_config,
-            int(states[0, 0].get("step", 0)))
+    full = _join_components(ckpt.load_model_tensors(path))
+    return W.merge_tensor_parallel([full], config), config, run_config, int(info["step"])
 
 
 def _join_components(stored: dict) -> dict:
@@ -119,31 +91,6 @@ def _run_config_of(path: str, state: dict) -> dict:
     return state["config"]
 
 
-def _join_pipeline_stages(stage_models: list, run_config: dict, pp: int) -> dict:
-    """One tensor-parallel rank's state dict of the whole model from the state dicts of its
-    pipeline ranks (each a dict, or a list of model chunks under virtual pipelining), whose
-    layers are numbered locally from 0 within each chunk."""
-    if pp == 1 and isinstance(stage_models[0], dict):
-        return stage_models[0]
-    from megatron_transmamba.parallel.pipeline import rank_stages, split_layer_pattern
-
-    virtual = run_config.get("parallel", {}).get("virtual_pipeline_model_parallel_size")
-    pattern = run_config.get("model", {}).get("layer_pattern", "")
-    stages = split_layer_pattern(pattern, pp * (virtual or 1))
-    joined = {}
-    for pp_rank, models in enumerate(stage_models):
-        models = models if isinstance(models, list) else [models]
-        for stage, model in zip(rank_stages(pp_rank, pp, virtual), models):
-            for key, value in model.items():
-                match = _LOCAL_LAYER.match(key)
-                if match:
-                    key = f"layers.{stages[stage][int(match.group(1))]}.{match.group(2)}"
-                if key in joined:
-                    raise ValueError(f"{key}: held by two pipeline stages")
-                joined[key] = value
-    return joined
-
-
 def hf_config_dict(config: TransMambaConfig, vocab_size: int, run_config: dict, eos: Optional[int],
                    dtype: str = "float32") -> dict:
     low, high = config.dt_limit
@@ -169,7 +116,6 @@ def hf_config_dict(config: TransMambaConfig, vocab_size: int, run_config: dict, 
         "eos_token_id": eos, "bos_token_id": None, "pad_token_id": eos,
         "training_run_config": json.loads(json.dumps(run_config, default=str)),
     }
-
 
 
 def write_safetensors(tensors: dict, folder: str, max_shard_bytes: int) -> None:
@@ -271,7 +217,6 @@ def write_hf_folder(folder: str, full: dict, config: TransMambaConfig, run_confi
     write_safetensors(W.to_hf(full, config), folder, max_shard_bytes)
 
 
-
 def ensure_single_process_group() -> bool:
     """Initialise a one-process group (megatron's parallel state) when none is there; True if
     this call created it."""
@@ -362,7 +307,6 @@ def export_checkpoint(checkpoint: str, output: str, verify_logits: bool = True,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"step": step, "tensors": len(full), "max_abs_logit_diff": diff}
-
 
 
 def _umask() -> int:

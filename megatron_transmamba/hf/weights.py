@@ -1,7 +1,7 @@
 """Weight layouts: tensor-parallel shards <-> full tensors <-> Hugging Face names.
 
-A training checkpoint holds each tensor-parallel rank's ``model.state_dict()``. The rules that
-put a rank's pieces back together follow the model's layout (docs/parallelism.md):
+A tensor-parallel rank's ``model.state_dict()`` holds its pieces of the full tensors. The
+rules that put the pieces back together follow the model's layout (docs/parallelism.md):
 column-parallel weights (embedding, LM head, QKV, ...) split dim 0, row-parallel ones dim 1;
 weights made of components split every component on its own: the mixer's ``in_proj`` rows
 ``[z | x | B | C | dt]``, its conv channels ``[x | B | C]`` and the SwiGLU ``linear_fc1`` rows

@@ -12,8 +12,8 @@ save) the ranks checksum the files, rank 0 writes ``checkpoint.json`` (format ve
 step, tokens seen, layout, config and every file's size and CRC-32), renames the folder and
 updates ``latest``. Only renamed folders count, so a crash never leaves a checkpoint that
 resume would read; resume checks sizes and checksums and moves a damaged checkpoint aside to
-``iter_<step>.corrupt`` before taking the previous one. Formats 2 (per-rank ``rank_XXXXX.pt``
-and ``layout.json``) and 1 (one ``state.pt``) still load at the layout that wrote them.
+``iter_<step>.corrupt`` before taking the previous one. Only this format (3) is read; a folder
+of an older one (``layout.json`` or ``state.pt``) or another ``format_version`` is an error.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ import torch.distributed as dist
 
 FORMAT_VERSION = 3
 INFO_FILE = "checkpoint.json"
-LAYOUT_FILE = "layout.json"                       # format 2
+# The files that marked a complete checkpoint of the older formats, which are no longer read:
+# recognised so that resume names such a folder instead of starting afresh beside it.
+_OLD_FORMAT_FILES = (("layout.json", 2), ("state.pt", 1))
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 # Every process (not only DP rank 0) gets the whole optimizer state while saving; gathering
 # over the gloo group keeps it on DP rank 0 only (and runs on CPU).
@@ -52,6 +54,11 @@ _MAX_LISTED = 8
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the folder and the file or tensor."""
+
+
+class UnsupportedFormatError(CheckpointError):
+    """A checkpoint in a format this code does not read: never taken for damage (not moved
+    aside, no fallback to an older checkpoint)."""
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -102,11 +109,19 @@ def set_rng_state(state: dict) -> None:
 
 
 def checkpoint_format(path: str) -> Optional[int]:
-    """3, 2 or 1 for a complete checkpoint folder, None otherwise."""
-    for name, version in ((INFO_FILE, 3), (LAYOUT_FILE, 2), ("state.pt", 1)):
+    """The format of a complete checkpoint folder by the file that completes it: 3 (this format,
+    ``checkpoint.json``; its ``format_version`` is checked by ``read_info``), 2 or 1 (older,
+    not read), None when ``path`` is no complete checkpoint."""
+    for name, version in ((INFO_FILE, FORMAT_VERSION), *_OLD_FORMAT_FILES):
         if os.path.isfile(os.path.join(path, name)):
             return version
     return None
+
+
+def _unsupported(path: str, version) -> UnsupportedFormatError:
+    return UnsupportedFormatError(
+        f"checkpoint {path} is in format {version!r}, which this code no longer reads: it reads "
+        f"format {FORMAT_VERSION} only (megatron-core dist_checkpointing with {INFO_FILE})")
 
 
 def checkpoint_dirs(save: str) -> list[tuple[int, str]]:
@@ -138,10 +153,9 @@ def resolve_verified(path: str, log=lambda text: print(text, file=sys.stderr)) -
     intact checkpoint, or the newest intact one in the save folder ``path``; damaged ones are
     named (``log``) and skipped there. A damaged checkpoint named directly, or a folder with
     no intact one, raises CheckpointError naming the damaged files, before anything is
-    loaded. Formats 1 and 2 hold no sizes or checksums and are taken as they are."""
+    loaded. A checkpoint of another format raises UnsupportedFormatError."""
     def problems_of(folder: str) -> str:
-        found = verify(folder) if checkpoint_format(folder) == FORMAT_VERSION else []
-        return "; ".join(found[:_MAX_LISTED])
+        return "; ".join(verify(folder)[:_MAX_LISTED])
 
     newest = resolve(path)                  # FileNotFoundError when there is no checkpoint
     if newest == path:                      # a checkpoint named directly
@@ -163,30 +177,24 @@ def resolve_verified(path: str, log=lambda text: print(text, file=sys.stderr)) -
 
 
 def read_info(path: str) -> dict:
-    """What a checkpoint holds, without loading it: ``checkpoint.json`` for format 3; for formats
-    2 and 1 the layout and step (format 1 and 2 keep the rest in their per-rank files)."""
+    """What a checkpoint holds, without loading it: its ``checkpoint.json``. UnsupportedFormatError
+    for a folder of another format, CheckpointError when the file is missing or unreadable."""
     version = checkpoint_format(path)
-    if version == 3:
-        file = os.path.join(path, INFO_FILE)
-        try:
-            with open(file) as f:
-                info = json.load(f)
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"{file}: unreadable ({err})") from None
-        if info.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{file}: format_version {info.get('format_version')!r}, this "
-                                  f"code reads {FORMAT_VERSION} (and the older 2 and 1)")
-        return info
-    if version == 2:
-        with open(os.path.join(path, LAYOUT_FILE)) as f:
-            layout = json.load(f)
-        return {"format_version": 2, "layout": layout, "model_only": layout.get("model_only", False),
-                "step": int(_ITER_RE.match(os.path.basename(path)).group(1))}
-    if version == 1:
-        return {"format_version": 1, "layout": {"world_size": 1},
-                "step": int(_ITER_RE.match(os.path.basename(path)).group(1))}
-    raise CheckpointError(f"{path}: not a complete checkpoint (no {INFO_FILE}, {LAYOUT_FILE} or "
-                          "state.pt)")
+    if version is None:
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {INFO_FILE})")
+    if version != FORMAT_VERSION:
+        raise _unsupported(path, version)
+    file = os.path.join(path, INFO_FILE)
+    try:
+        with open(file) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{file}: unreadable ({err})") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{file}: unreadable (not a JSON object)")
+    if info.get("format_version") != FORMAT_VERSION:
+        raise _unsupported(path, info.get("format_version"))
+    return info
 
 
 def _crc32(file: str) -> str:
@@ -226,10 +234,12 @@ def _checksum_problems(path: str, files: dict, names: list[str]) -> list[str]:
 
 
 def verify(path: str, checksums: bool = True) -> list[str]:
-    """Problems of a format-3 checkpoint (missing, truncated or changed files), in this
-    process; an empty list when it is intact."""
+    """Problems of a checkpoint (missing, truncated or changed files), in this process; an empty
+    list when it is intact. A checkpoint of another format raises UnsupportedFormatError."""
     try:
         info = read_info(path)
+    except UnsupportedFormatError:
+        raise
     except CheckpointError as err:
         return [str(err)]
     files = info.get("files", {})
@@ -586,14 +596,18 @@ class Checkpointer:
         """Distributed verification: rank 0 reads checkpoint.json and the file sizes, then every
         rank checksums a share of the files."""
         rank, world = _rank_and_world()
-        files, problems = None, []
+        files, problems, unsupported = None, [], None
         if rank == 0:
             try:
                 files = read_info(path).get("files", {})
                 problems = _size_problems(path, files)
+            except UnsupportedFormatError as err:
+                unsupported = str(err)
             except CheckpointError as err:
                 problems = [str(err)]
-        files, problems = _broadcast((files, problems))
+        files, problems, unsupported = _broadcast((files, problems, unsupported))
+        if unsupported:                                  # every rank raises the same
+            raise UnsupportedFormatError(unsupported)
         if problems or not self.checksums:
             return problems
         names = sorted(files)[rank::world]
@@ -603,13 +617,10 @@ class Checkpointer:
         """Restore the newest usable checkpoint in the save folder; None when there is none. A
         damaged one is reported, moved to ``iter_<step>.corrupt`` (``.corrupt.1``, ``.2``, ...
         when that name is taken: a step damaged again after a resume) and the previous one
-        used."""
+        used. A checkpoint of another format raises UnsupportedFormatError."""
         found = _broadcast(checkpoint_dirs(self.save_dir) if self.rank == 0 else None)
         rejected = []
         for _, path in reversed(found):
-            version = _broadcast(checkpoint_format(path) if self.rank == 0 else None)
-            if version in (1, 2):
-                return _load_per_rank(path, chunks, optimizer, scheduler, self.layout)
             problems = self._problems(path)
             if not problems:
                 return self._load(path, chunks, optimizer, scheduler)
@@ -699,56 +710,6 @@ class Checkpointer:
 
 def _without_optimizer(common: dict) -> dict:
     return {key: value for key, value in common.items() if key != "optimizer"}
-
-
-def _load_per_rank(path: str, chunks: list, optimizer, scheduler, layout: dict) -> Resumed:
-    rank = _rank_and_world()[0]
-    info = read_info(path)
-    saved = {"world_size": 1, **info["layout"]}
-    different = {key: (saved.get(key, 1), layout[key]) for key in
-                 ("world_size", "tensor_model_parallel_size", "pipeline_model_parallel_size")
-                 if key in layout and saved.get(key, 1) != layout[key]}
-    if different:
-        names = ", ".join(f"{key} {old} (this run: {new})" for key, (old, new) in different.items())
-        raise CheckpointError(f"checkpoint {path} (format {info['format_version']}, one file per "
-                              f"rank) was saved with {names}: it loads at the same world size "
-                              "and layout only; resume there once to write a format-3 "
-                              "checkpoint, which loads at any layout")
-    file = (os.path.join(path, f"rank_{rank:05d}.pt") if info["format_version"] == 2
-            else os.path.join(path, "state.pt"))
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as err:                               # noqa: BLE001 - reported with the file
-        raise CheckpointError(f"{file}: unreadable ({err})") from None
-    models = state["model"] if isinstance(state["model"], list) else [state["model"]]
-    for chunk, chunk_state in zip(chunks, models, strict=True):
-        chunk.load_state_dict(chunk_state)
-    if "optimizer" not in state:
-        optimizer.reload_model_params()
-        return Resumed(path, 0, 0, True, saved, [])
-    _load_per_rank_optimizer(optimizer, state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return Resumed(path, int(state["step"]), int(state["consumed_samples"]), False, saved, [])
-
-
-def _load_per_rank_optimizer(optimizer, state: dict) -> None:
-    if "common" not in state:                                  # written before issue #5
-        optimizer.load_state_dict(state)
-        return
-    distributed = [o for o in _optimizers(optimizer) if _is_distributed(o)]
-    shards = state.get("distributed_parameter_state", [])
-    if len(shards) != len(distributed):
-        raise CheckpointError("the checkpoint was saved with parallel.use_distributed_optimizer="
-                              f"{bool(shards)}: resume with the same setting")
-    optimizer.load_state_dict(state["common"])
-    for o in _optimizers(optimizer):
-        for param_state in o.optimizer.state.values():
-            if torch.is_tensor(param_state.get("step")):
-                param_state["step"] = param_state["step"].clone()
-    with torch.no_grad():                                      # fp32 main weights are the model's
-        for o, shard in zip(distributed, shards):
-            o.load_parameter_state_from_dp_reshardable(shard)
 
 
 def _unused_name(path: str) -> str:

@@ -142,23 +142,6 @@ def test_round_trip_is_tensor_equal(exported, tmp_path):
     assert "layers.0.mixer.in_proj.weight" not in shapes
 
 
-def test_format_2_tp2_checkpoint_exports_like_tp1(exported, tmp_path):
-    """Checkpoints written before dist_checkpointing (one file per rank) still export."""
-    config = exported["config"]
-    full = {k: v for k, v in exported["model"].state_dict().items() if v is not None}
-    folder = tmp_path / "tp2" / "iter_0000000"
-    folder.mkdir(parents=True)
-    for rank, shard in enumerate(W.split_tensor_parallel(full, config, 2)):
-        torch.save({"format_version": 2, "step": 0, "model": shard, "config": RUN_CONFIG},
-                   folder / f"rank_{rank:05d}.pt")
-    (folder / "layout.json").write_text(json.dumps(
-        {"format_version": 2, "world_size": 2, "tensor_model_parallel_size": 2,
-         "pipeline_model_parallel_size": 1}))
-    E.export_checkpoint(str(tmp_path / "tp2"), str(tmp_path / "hf2"), tolerance=1e-4)
-    one, two = (E.read_safetensors(str(p)) for p in (exported["root"] / "hf", tmp_path / "hf2"))
-    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
-
-
 def test_tp_merge_follows_the_mixer_components(exported):
     from megatron_transmamba.parallel.tensor_parallel import local_components
 

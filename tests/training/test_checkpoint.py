@@ -1,5 +1,5 @@
 """Checkpoints in one process: what a checkpoint holds, damaged checkpoints, a model of another
-shape, the older formats, NaN/inf handling, SIGTERM and asynchronous saves.
+shape, other formats, NaN/inf handling, SIGTERM and asynchronous saves.
 
 Resuming is checked bitwise against an uninterrupted run (one process, float32 on CPU). The
 multi-process cases (another layout, kill -9, SIGTERM through torchrun) are in
@@ -44,9 +44,9 @@ def inject(monkeypatch, faults: dict, micro_batches: int = 4):
     real = P.lm_forward_step
     calls = {"n": 0}
 
-    def forward_step(data_iterator, model, device):
+    def forward_step(data_iterator, model, device, **kwargs):
         calls["n"] += 1
-        losses, loss_func = real(data_iterator, model, device)
+        losses, loss_func = real(data_iterator, model, device, **kwargs)
         step, micro = divmod(calls["n"] - 1, micro_batches)
         fault = faults.get(step + 1) if micro == 0 else None
         if fault == "loss":
@@ -195,32 +195,26 @@ def test_a_checkpoint_of_another_model_shape_names_the_tensor(reference, cache, 
     assert not os.path.exists(save / "iter_0000002.corrupt")       # not mistaken for damage
 
 
-def test_format_2_model_only_checkpoint_still_loads(reference, cache, tmp_path):
-    """Per-rank files (format 2) written by the importer before dist_checkpointing."""
-    from megatron_transmamba.hf import export as E
-    from megatron_transmamba.hf import weights as W
-
-    full, config, run, _ = E.read_checkpoint(str(reference["save"] / "iter_0000006"))
-    folder = tmp_path / "ckpt" / "iter_0000000"
-    folder.mkdir(parents=True)
-    torch.save({"format_version": 2, "step": 0, "model": W.split_tensor_parallel(full, config, 1)[0],
-                "consumed_samples": 0, "config": run}, folder / "rank_00000.pt")
-    (folder / "layout.json").write_text(json.dumps(
-        {"format_version": 2, "world_size": 1, "tensor_model_parallel_size": 1,
-         "pipeline_model_parallel_size": 1, "model_only": True}))
-    result = P.pretrain(run_config(cache, tmp_path / "ckpt", resume=True, train_iters=2,
-                                   eval_interval=2, eval_iters=2))
-    assert result.valid_losses[0] == reference["result"].valid_losses[TRAIN_ITERS]
-    assert result.resumed_from == str(folder)
-
-    other = tmp_path / "other" / "iter_0000000"
-    shutil.copytree(folder, other)
-    (other / "layout.json").write_text(json.dumps(
-        {"format_version": 2, "world_size": 2, "tensor_model_parallel_size": 2,
-         "pipeline_model_parallel_size": 1}))
-    with pytest.raises(ckpt.CheckpointError, match=r"tensor_model_parallel_size 2 \(this run: "
-                                                   r"1\).*format-3 checkpoint, which loads at any"):
-        P.pretrain(run_config(cache, tmp_path / "other", resume=True, train_iters=2))
+@pytest.mark.parametrize("marker, version", [("layout.json", "2"), ("state.pt", "1"),
+                                             ("checkpoint.json", "7")])
+def test_another_format_is_named_not_taken_for_damage(reference, tmp_path, marker, version):
+    """Folders of the formats before dist_checkpointing (``layout.json``, ``state.pt``) or of an
+    unknown ``format_version`` fail in one line, on resume, export and inspection alike."""
+    save = tmp_path / "ckpt"
+    shutil.copytree(reference["save"] / "iter_0000002", save / "iter_0000002")
+    folder = save / "iter_0000004"
+    folder.mkdir()
+    (folder / marker).write_text(json.dumps({"format_version": int(version)}))
+    message = rf"checkpoint {folder} is in format {version}, .* reads format 3 only"
+    checkpointer = ckpt.Checkpointer(str(save), None, {}, {}, seq_length=32)
+    with pytest.raises(ckpt.UnsupportedFormatError, match=message):
+        checkpointer.load([], None, None)
+    with pytest.raises(ckpt.UnsupportedFormatError, match=message):
+        ckpt.resolve_verified(str(save))
+    with pytest.raises(ckpt.UnsupportedFormatError, match=message) as error:
+        ckpt.read_info(str(folder))
+    assert "\n" not in str(error.value)
+    assert folder.is_dir() and [s for s, _ in ckpt.checkpoint_dirs(str(save))] == [2, 4]
 
 
 def test_nan_loss_and_nan_gradient_skip_the_update(reference, cache, monkeypatch, capsys):

@@ -8,13 +8,11 @@ Shows the step, samples and tokens seen, the layout (TP x PP x DP) that saved it
 section of its run config, every model tensor's full shape and dtype, what optimizer and RNG
 state it carries, and its files; ``--verify`` also checks every file's size and CRC-32 against
 ``checkpoint.json``. Only metadata is read (no tensor data), and no process group is started.
-Format 2 and 1 checkpoints (one file per rank) show their layout and step only.
 """
 
 import argparse
 import json
 import math
-import os
 import sys
 import warnings
 
@@ -33,9 +31,6 @@ def describe(path: str, verify: bool = False) -> dict:
            "consumed_samples": info.get("consumed_samples"),
            "tokens_seen": info.get("tokens_seen"), "saved_at": info.get("saved_at"),
            "model_only": bool(info.get("model_only")), "layout": info.get("layout", {})}
-    if info["format_version"] != ckpt.FORMAT_VERSION:
-        out["files"] = sorted(os.listdir(path))
-        return out
     out["model_config"] = (info.get("config") or {}).get("model", {})
     tensors = ckpt.tensor_metadata(path)
     model = {k: {"shape": list(shape), "dtype": str(dtype).replace("torch.", "")}
@@ -77,11 +72,7 @@ def format_description(d: dict) -> str:
         step += f" | saved {d['saved_at']}"
     lines.append(step + (" | model weights only (no optimizer state)" if d["model_only"] else ""))
     lines.append(f"saved at layout {_layout_text(d['layout'])}; loads at any layout that "
-                 "divides the model" if d["format_version"] == ckpt.FORMAT_VERSION else
-                 f"saved at layout {_layout_text(d['layout'])}; loads at this layout only")
-    if d["format_version"] != ckpt.FORMAT_VERSION:
-        lines.append("files: " + ", ".join(d["files"]))
-        return "\n".join(lines)
+                 "divides the model")
     if d["model_config"]:
         lines.append("model: " + ", ".join(f"{k}={v}" for k, v in sorted(d["model_config"].items())))
     lines.append(f"model tensors: {len(d['model_tensors'])}, {d['model_parameters']:,} parameters")
