@@ -3,10 +3,9 @@
 ``T`` / ``M``: our TransMamba residual block. ``*``: megatron-core ``TransformerLayer`` with
 ``SelfAttention`` (column-parallel QKV, SDPA core attention, row-parallel output projection;
 ``SelfAttentionFusedRope``: RoPE in one fused kernel under the triton backend). ``-``:
-megatron-core ``TransformerLayer`` with a SwiGLU ``MLP`` (``FusedSwiGLU``: the gate in one kernel). Norms are our
-sequence-parallel-aware ``RMSNorm``. When Transformer Engine is installed and
-``use_transformer_engine`` is set, its fused attention core replaces SDPA. When the model carries
-the fused residual stream (``residual_stream``: triton backend, no bias, no hidden dropout,
+megatron-core ``TransformerLayer`` with a SwiGLU ``MLP`` (``FusedSwiGLU``: the gate in one
+kernel). Norms are our sequence-parallel-aware ``RMSNorm``. When the model carries the fused
+residual stream (``residual_stream``: triton backend, no bias, no hidden dropout,
 layers/norm.py), ``*`` and ``-`` are ``ResidualStreamTransformerLayer``: megatron-core's layer,
 same submodules and parameter names, that also takes the stream.
 """
@@ -28,25 +27,7 @@ from megatron_transmamba.layers.transmamba_layer import (ResidualStreamTransform
                                                         TransMambaLayer)
 
 
-def transformer_engine_available() -> bool:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # TE raises more than ImportError when its CUDA parts are missing
-        return False
-    return True
-
-
-def core_attention_module(use_transformer_engine: bool = False):
-    if use_transformer_engine:
-        if not transformer_engine_available():
-            raise RuntimeError("use_transformer_engine=True but transformer_engine is not installed")
-        from megatron.core.extensions.transformer_engine import TEDotProductAttention
-        return TEDotProductAttention
-    return SDPAttention
-
-
-def attention_layer_spec(use_transformer_engine: bool = False,
-                         residual_stream: bool = False) -> ModuleSpec:
+def attention_layer_spec(residual_stream: bool = False) -> ModuleSpec:
     return ModuleSpec(
         module=ResidualStreamTransformerLayer if residual_stream else TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -56,7 +37,7 @@ def attention_layer_spec(use_transformer_engine: bool = False,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=core_attention_module(use_transformer_engine),
+                    core_attention=SDPAttention,
                     linear_proj=RowParallelLinear,
                 ),
             ),
@@ -78,13 +59,17 @@ def mlp_layer_spec(fused_swiglu: bool = False, residual_stream: bool = False) ->
     )
 
 
-def layer_specs(use_transformer_engine: bool = False, fused_swiglu: bool = False,
+def layer_specs(use_transformer_engine: bool = False, *, fused_swiglu: bool = False,
                 residual_stream: bool = False) -> dict[str, ModuleSpec]:
     """Spec of each layer-pattern symbol (``fused_swiglu``: the config's
     ``use_te_activation_func``, see layers/mlp.py; ``residual_stream``: ``*`` and ``-`` take the
     fused residual stream, layers/norm.py ``residual_stream_applies``). TransMambaLayer takes
-    both forms."""
+    both forms. ``use_transformer_engine`` is only accepted as False, for the model's call
+    until it stops passing it; it goes then."""
+    if use_transformer_engine:
+        raise ValueError("Transformer Engine attention is not supported: '*' layers use SDPA "
+                         "(layers/attention.py)")
     mixer = ModuleSpec(module=TransMambaLayer)
     return {"T": mixer, "M": mixer,
-            "*": attention_layer_spec(use_transformer_engine, residual_stream),
+            "*": attention_layer_spec(residual_stream),
             "-": mlp_layer_spec(fused_swiglu, residual_stream)}
