@@ -45,8 +45,10 @@ class DataConfig:
     done without a mask). The EOD token's prediction of the next document's first token is
     still a loss target. False: documents run into each other, as in plain GPT pretraining."""
 
-    def validate(self) -> None:
-        """Raise ValueError naming ``data.<field>`` for the first bad value (no file access)."""
+    def validate(self, files: bool = True) -> None:
+        """Raise ValueError naming ``data.<field>`` for the first bad value; then, with
+        ``files``, check the datasets of ``data_path`` against the tokenizer
+        (:meth:`check_files`)."""
         self._validate_data_path()
         self._validate_tokenizer()
         self._validate_split()
@@ -56,6 +58,28 @@ class DataConfig:
             raise ValueError(f"data.num_workers={self.num_workers!r}: must be an int >= 0")
         if not isinstance(self.reset_at_eod, bool):
             raise ValueError(f"data.reset_at_eod={self.reset_at_eod!r}: must be true or false")
+        if files:
+            self.check_files()
+
+    def check_files(self) -> None:
+        """Raise ValueError ``data.data_path: <file> ...; expected ...`` (one line) for a
+        dataset of ``data_path`` that is missing, not an indexed dataset, a ``.bin`` that
+        disagrees with its ``.idx``, no tokens, or token ids outside the tokenizer's
+        vocabulary (indexed_files.py). Every rank runs it before anything is written."""
+        if self.data_path is None:
+            return  # build_pretraining_datasets makes the embedded corpus with this tokenizer
+        from megatron_transmamba.data.indexed_files import check_indexed_dataset
+        from megatron_transmamba.data.tokenizer import build_tokenizer
+
+        vocab_size = build_tokenizer(self.tokenizer, self.tokenizer_path).vocab_size
+        for prefix in self.blend()[0]:
+            try:
+                summary = check_indexed_dataset(prefix, vocab_size)
+            except ValueError as err:
+                raise ValueError(f"data.data_path: {err}") from None
+            if summary.tokens == 0:
+                raise ValueError(f"data.data_path: {prefix}.idx holds no tokens; expected "
+                                 "at least one document")
 
     def blend(self) -> tuple[list[str], list[float] | None] | None:
         """``data_path`` as megatron's blend: (prefixes, weights or None); None for the

@@ -103,7 +103,7 @@ def build_pretraining_datasets(
     ``<cache_dir>/gpt_indices/<data fingerprint>`` and the other ranks read them there, so that
     directory must be shared by all nodes (megatron-core's rule).
     """
-    cfg.validate()
+    cfg.validate()  # also the dataset files (DataConfig.check_files)
     if seq_length < 1:
         raise ValueError(f"seq_length={seq_length}: must be positive")
     if len(num_samples) != 3:
@@ -113,12 +113,6 @@ def build_pretraining_datasets(
         blend = ([_prepare_embedded_corpus(cfg)], None)
     else:
         blend = cfg.blend()
-        missing = [p for p in blend[0] if not IndexedDataset.exists(p)]
-        if missing:
-            raise ValueError(
-                f"data.data_path: no indexed dataset (.bin and .idx) at {missing}; "
-                "make them with tools/data/preprocess_data.py"
-            )
 
     config = GPTDatasetConfig(
         random_seed=seed,

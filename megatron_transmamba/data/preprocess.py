@@ -14,7 +14,6 @@ import glob
 import itertools
 import json
 import os
-import struct
 import uuid
 from typing import Iterable, Iterator, Sequence
 
@@ -25,6 +24,8 @@ from megatron.core.datasets.indexed_dataset import (
     get_bin_path,
     get_idx_path,
 )
+
+from megatron_transmamba.data.indexed_files import DatasetFileError, check_indexed_dataset
 
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl",)
@@ -168,18 +169,10 @@ def build_indexed_dataset(
 
 
 def dataset_is_complete(prefix: str) -> bool:
-    """Whether ``prefix.bin`` and ``prefix.idx`` exist and agree: the index's last sequence
-    ends exactly at the end of the ``.bin`` file."""
-    from megatron.core.datasets.indexed_dataset import _IndexReader
-
-    bin_path, idx_path = get_bin_path(prefix), get_idx_path(prefix)
-    if not (os.path.isfile(bin_path) and os.path.isfile(idx_path)):
-        return False
+    """Whether ``prefix.bin`` and ``prefix.idx`` exist and agree: a readable index whose
+    sequences end exactly at the end of the ``.bin`` file (``check_indexed_dataset``)."""
     try:
-        index = _IndexReader(idx_path, multimodal=False)
-    except (AssertionError, ValueError, OSError, struct.error):
+        check_indexed_dataset(prefix)
+    except (DatasetFileError, OSError):
         return False
-    if index.sequence_count == 0:
-        return os.path.getsize(bin_path) == 0
-    end = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
-    return end == os.path.getsize(bin_path)
+    return True
