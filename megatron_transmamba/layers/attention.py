@@ -3,8 +3,7 @@
 megatron-core's local ``DotProductAttention`` materialises the T x T score matrix, which would
 make the Transformer baseline unfairly slow and memory-hungry; this module has the same
 constructor and forward signature and calls ``F.scaled_dot_product_attention`` (flash / cuDNN /
-memory-efficient kernels on GPU). Transformer Engine's attention replaces it when installed
-(``models/specs.py``). With packed documents (``PackedDocuments`` as ``packed_seq_params``) it is
+memory-efficient kernels on GPU); every ``*`` layer uses it (``models/specs.py``). With packed documents (``PackedDocuments`` as ``packed_seq_params``) it is
 causal inside each document (``document_attention``: a few padded SDPA calls, exact). Under
 context parallelism (the CP group of megatron-core's ``pg_collection.cp`` has R > 1 ranks) each
 rank holds a contiguous shard [r S, (r + 1) S) of the sequence, its Q and K already rotated at
@@ -72,7 +71,7 @@ class SDPAttention(MegatronModule):
         if attention_bias is not None or (packed_seq_params is not None
                                           and not isinstance(packed_seq_params, PackedDocuments)):
             raise NotImplementedError("SDPAttention: attention bias and THD packed sequences "
-                                      "need Transformer Engine attention")
+                                      "are not supported (packed documents are PackedDocuments)")
         seq_len, batch, heads, dim = query.shape
         if self.cp_size > 1:
             if key.shape[0] != seq_len:

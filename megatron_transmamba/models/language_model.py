@@ -57,7 +57,7 @@ class TransMambaLanguageModel(LanguageModule):
     the embedding group, the tied checkpoint entry), which finalize_model_grads expects."""
 
     def __init__(self, config: TransMambaConfig, vocab_size: int,
-                 use_transformer_engine: bool = False, pg_collection=None,
+                 pg_collection=None,
                  layer_range: Optional[range] = None, pre_process: bool = True,
                  post_process: bool = True, init_seed: Optional[int] = None,
                  vp_stage: Optional[int] = None, recompute: bool = False):
@@ -83,7 +83,6 @@ class TransMambaLanguageModel(LanguageModule):
         pg_collection = pg_collection if pg_collection is not None else model_process_groups()
         super().__init__(config, pg_collection=pg_collection)
         self.config = config
-        self.use_transformer_engine = use_transformer_engine
         self.model_type = ModelType.encoder_or_decoder   # read by megatron-core's schedules
         self.vocab_size = vocab_size
         self.pre_process, self.post_process = pre_process, post_process
@@ -116,7 +115,7 @@ class TransMambaLanguageModel(LanguageModule):
                                                         position_embedding_type="none",
                                                         tp_group=tp_group)
         self.residual_stream = residual_stream_applies(config)
-        specs = layer_specs(use_transformer_engine, fused_swiglu=config.use_te_activation_func,
+        specs = layer_specs(fused_swiglu=config.use_te_activation_func,
                             residual_stream=self.residual_stream)
         # megatron-core's TransformerLayer adds its own (even-split) pipeline offset to
         # layer_number; subtract it so every layer keeps its global number.
@@ -213,9 +212,6 @@ class TransMambaLanguageModel(LanguageModule):
         seq_len = input_ids.shape[1]      # this context-parallel rank's shard of T = seq_len x CP
         documents = None
         if cu_seqlens is not None:
-            if self.use_transformer_engine and "*" in self.config.layer_pattern:
-                raise NotImplementedError("packed documents (cu_seqlens) need the SDPA "
-                                          "attention of '*' layers, not Transformer Engine's")
             documents = PackedDocuments.from_cu_seqlens(
                 cu_seqlens, input_ids.shape[0], seq_len * self.cp_size).shard(self.cp_rank,
                                                                               self.cp_size)

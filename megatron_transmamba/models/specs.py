@@ -59,16 +59,12 @@ def mlp_layer_spec(fused_swiglu: bool = False, residual_stream: bool = False) ->
     )
 
 
-def layer_specs(use_transformer_engine: bool = False, *, fused_swiglu: bool = False,
+def layer_specs(*, fused_swiglu: bool = False,
                 residual_stream: bool = False) -> dict[str, ModuleSpec]:
     """Spec of each layer-pattern symbol (``fused_swiglu``: the config's
     ``use_te_activation_func``, see layers/mlp.py; ``residual_stream``: ``*`` and ``-`` take the
     fused residual stream, layers/norm.py ``residual_stream_applies``). TransMambaLayer takes
-    both forms. ``use_transformer_engine`` is only accepted as False, for the model's call
-    until it stops passing it; it goes then."""
-    if use_transformer_engine:
-        raise ValueError("Transformer Engine attention is not supported: '*' layers use SDPA "
-                         "(layers/attention.py)")
+    both forms."""
     mixer = ModuleSpec(module=TransMambaLayer)
     return {"T": mixer, "M": mixer,
             "*": attention_layer_spec(residual_stream),

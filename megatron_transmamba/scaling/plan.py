@@ -196,7 +196,7 @@ def _resolve(raw: dict, spec: SweepSpec, folder: RunFolder, iters: int, global_b
     if spec.schedule.warmup_fraction is not None:
         training["lr_warmup_iters"] = min(iters - 1, round(spec.schedule.warmup_fraction * iters))
     checkpoint = dict(raw.get("checkpoint") or {})
-    # A relaunch keeps the run's layout, so the trainer's per-rank checkpoints resume it.
+    # A relaunch resumes the run from its newest checkpoint.
     checkpoint.update(save=folder.checkpoint_dir, resume=True)
     checkpoint.setdefault("keep_last", 1)
     data = dict(raw.get("data") or {})

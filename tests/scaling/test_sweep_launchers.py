@@ -80,7 +80,7 @@ def test_multi_node_script_and_configs_for_a_multi_process_sweep(tmp_path, fake_
     spec = gpu_sweep(mode="multinode", nnodes=2, nproc_per_node=8)
     out, runs = plan_sweep(spec, str(tmp_path / "sweep"))
     cfg = load_run_config(runs[0].folder.config_path)
-    # 16 ranks: global batch stays as configured; per-rank checkpoints resume at the same layout
+    # 16 ranks: global batch stays as configured; the relaunch resumes from the checkpoint
     assert runs[0].record["world_size"] == 16 and cfg.training.global_batch_size == 128
     assert cfg.checkpoint.save == runs[0].folder.checkpoint_dir and cfg.checkpoint.resume
     write_json_atomic(runs[1].folder.result_path, {"status": "done"})
