@@ -32,6 +32,6 @@ setup(
         "matplotlib>=3.7",    # scaling-law plots, Agg backend
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=5,<6", "triton==3.7.1"],
+        "test": ["pytest>=8", "transformers>=5,<6", "triton==3.7.1", "ruff==0.17.6"],
     },
 )

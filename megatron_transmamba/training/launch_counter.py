@@ -31,7 +31,6 @@ count_launches.py`` is the command line).
 from __future__ import annotations
 
 import contextlib
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import partial

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from data_parallel_common import TRAIN_ITERS, run_config, single_process_reference  # noqa: E402
+from data_parallel_common import run_config, single_process_reference  # noqa: E402
 from test_data_parallel import WORKER, losses, read_ranks, torchrun  # noqa: E402
 
 TOL = 1e-5

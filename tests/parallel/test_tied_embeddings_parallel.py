@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from data_parallel_common import (MODEL, TRAIN_ITERS, run_config,  # noqa: E402
+from data_parallel_common import (MODEL, run_config,  # noqa: E402
                                   single_process_reference)
 from test_data_parallel import losses, read_ranks, torchrun  # noqa: E402
 

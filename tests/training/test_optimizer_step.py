@@ -3,7 +3,6 @@ in parts, with the norm, clip and NaN/inf skip on the device: the same updates a
 ``optimizer.step()`` to the bit, no update (weights, moments, step counters) on a NaN
 gradient or loss, and no host read of a device value."""
 
-import copy
 import math
 from types import SimpleNamespace
 

@@ -37,7 +37,6 @@ from contextlib import nullcontext
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
