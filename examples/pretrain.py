@@ -7,7 +7,10 @@ Any ``--section.key=value`` after the config file overrides a YAML value; ``--re
 continues from the newest complete checkpoint in ``checkpoint.save``. Launch tensor x pipeline
 parallel size (x data-parallel size) processes, e.g. ``--nproc_per_node=2`` with
 ``--parallel.tensor_model_parallel_size=2``; a layout that does not fit the world size or the
-model is reported by every rank before any process group is created.
+model is reported by every rank before any process group is created. ``--check N`` only
+checks the config for a launch of N processes, in this one process, and exits (0, or 2 with
+the one-line error): ``examples/quickstart.sh`` runs it before torchrun, so a config error is
+not followed by torchrun's own failure report.
 """
 
 import argparse
@@ -45,16 +48,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML run config (default: built-in defaults)")
     parser.add_argument("--resume", action="store_true", help="same as --checkpoint.resume=true")
+    parser.add_argument("--check", type=int, metavar="N",
+                        help="only check the config for N processes, then exit")
     args, overrides = parser.parse_known_args(argv)
     if args.resume:
         overrides.append("--checkpoint.resume=true")
     try:
         cfg = load_run_config(args.config, overrides)
-        check_run_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+        check_run_config(cfg, args.check or int(os.environ.get("WORLD_SIZE", 1)))
     except ValueError as err:
-        print(f"error (rank {os.environ.get('RANK', 0)}): {err}", file=sys.stderr, flush=True)
-        wait_for_other_ranks("config_error")
+        where = "config" if args.check else f"rank {os.environ.get('RANK', 0)}"
+        print(f"error ({where}): {err}", file=sys.stderr, flush=True)
+        if not args.check:
+            wait_for_other_ranks("config_error")
         return 2
+    if args.check:
+        return 0
     result = pretrain(cfg)
     if result.valid_losses and int(os.environ.get("RANK", 0)) == 0:
         first, last = min(result.valid_losses), max(result.valid_losses)

@@ -36,6 +36,9 @@ for value in "$tp" "$pp" "$cp" "${MTM_NPROC:-1}"; do
 done
 nproc="${MTM_NPROC:-$((tp * pp * cp))}"
 
+# The config and layout checked once here: an error is one line, not torchrun's failure report.
+"$py" examples/pretrain.py --check "$nproc" --config examples/configs/tiny_cpu.yaml "$@" || exit $?
+
 "$py" -m torch.distributed.run --standalone --nproc_per_node="$nproc" \
   examples/pretrain.py --config examples/configs/tiny_cpu.yaml "$@"
 
