@@ -24,7 +24,6 @@ from functools import partial
 from typing import Iterator, Optional
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -482,15 +481,14 @@ def _pretrain(cfg: RunConfig, info, model_config: TransMambaConfig, use_bf16: bo
               "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
               "sequence_parallel": p.sequence_parallel,
               "use_distributed_optimizer": p.use_distributed_optimizer}
-    dp_size, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    dp_size, dp_rank = groups.dp.size(), groups.dp.rank()     # data parallelism without CP
     global_batch, num_micro = num_microbatches(t, dp_size)
 
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
     vocab_size = pad_vocab_size(tokenizer.vocab_size, t.make_vocab_size_divisible_by,
                                 p.tensor_model_parallel_size)
     stages = pipeline_stages(cfg, model_config)
-    pp_rank, pp_size = (parallel_state.get_pipeline_model_parallel_rank(),
-                        p.pipeline_model_parallel_size)
+    pp_rank, pp_size = groups.pp.rank(), p.pipeline_model_parallel_size
     chunks = [TransMambaLanguageModel(model_config, vocab_size, pg_collection=groups,
                                       layer_range=stages[stage], pre_process=stage == 0,
                                       post_process=stage == len(stages) - 1,
