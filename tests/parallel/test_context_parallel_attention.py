@@ -99,12 +99,10 @@ def _worker(out_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
-    from test_tensor_parallel import torchrun
+    from test_tensor_parallel import run_ranks
 
     out_dir = tmp_path_factory.mktemp("cp_attention")
-    result = torchrun([Path(__file__), out_dir], WORLD)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+    return run_ranks([Path(__file__), out_dir], WORLD, out_dir)
 
 
 @pytest.mark.parametrize("cp", CP_SIZES)

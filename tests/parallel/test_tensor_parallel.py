@@ -39,10 +39,16 @@ def torchrun(args: list, nproc: int) -> subprocess.CompletedProcess:
                           timeout=LAUNCH_TIMEOUT_S)
 
 
-def launch(scenario: str, nproc: int, out_dir: Path) -> list:
-    result = torchrun([WORKER, scenario, out_dir], nproc)
+def run_ranks(args: list, nproc: int, out_dir: Path) -> list:
+    """torchrun ``args`` (a worker script and its arguments) on ``nproc`` processes; every
+    rank writes ``out_dir/rank<r>.json``, returned in rank order."""
+    result = torchrun(args, nproc)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(nproc)]
+
+
+def launch(scenario: str, nproc: int, out_dir: Path) -> list:
+    return run_ranks([WORKER, scenario, out_dir], nproc, out_dir)
 
 
 @pytest.fixture(scope="module")
