@@ -88,7 +88,9 @@ def build_pretraining_datasets(
     """Train, validation and test datasets (None for a split of weight 0).
 
     Args:
-        cfg: data options; ``cfg.data_path=None`` builds the embedded corpus first.
+        cfg: data options; ``cfg.data_path=None`` builds the embedded corpus first. With
+            ``cfg.valid_data_path`` the train dataset is all of ``data_path``, the validation
+            dataset all of ``valid_data_path``, and there is no test dataset.
         tokenizer: the tokenizer of the data (``eod``, ``pad``, ``vocab_size``,
             ``unique_identifiers``), e.g. from ``build_tokenizer(cfg.tokenizer, ...)``.
         seq_length: tokens per sample T; each sample is ``{"tokens", "labels",
@@ -113,13 +115,19 @@ def build_pretraining_datasets(
         blend = ([_prepare_embedded_corpus(cfg)], None)
     else:
         blend = cfg.blend()
+    valid_blend = cfg.valid_blend()
+    if valid_blend is None:        # one distribution, cut into train / valid / test by split
+        sources = dict(blend=blend, split=cfg.split)
+        prefixes = blend[0]
+    else:                          # megatron's --train-data-path / --valid-data-path
+        sources = dict(blend_per_split=[blend, valid_blend, None])
+        prefixes = blend[0] + valid_blend[0]
 
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend=blend,
-        split=cfg.split,
-        path_to_cache=os.path.join(cfg.cache_dir, "gpt_indices", data_fingerprint(blend[0])),
+        **sources,
+        path_to_cache=os.path.join(cfg.cache_dir, "gpt_indices", data_fingerprint(prefixes)),
         mmap_bin_files=True,
         tokenizer=tokenizer,
         # Without reset_at_eod attention runs across document boundaries, and so do positions.
@@ -130,7 +138,8 @@ def build_pretraining_datasets(
         eod_mask_loss=False,
         create_attention_mask=False,
     )
-    _check_splits_have_documents(blend[0], config.split_matrix, cfg.split)
+    if valid_blend is None:
+        _check_splits_have_documents(blend[0], config.split_matrix, cfg.split)
     builder = _DatasetBuilder(
         GPTDataset, list(num_samples), is_built_on_rank or (lambda: True), config
     )

@@ -242,7 +242,8 @@ def build_run_config(raw: dict) -> RunConfig:
             if key not in known:
                 raise _unknown(f"{section} key", key, known)
             default = getattr(target, key)
-            if section == "data" and key == "data_path" and isinstance(value, str):
+            if section == "data" and key in ("data_path", "valid_data_path") \
+                    and isinstance(value, str):
                 value = [value]
             setattr(target, key, _coerce(f"{section}.{key}", value, default))
     cfg.data.validate()

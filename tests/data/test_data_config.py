@@ -11,6 +11,7 @@ def test_fields_and_defaults_are_frozen():
     fields = {f.name: f.default for f in dataclasses.fields(DataConfig)}
     assert fields == {
         "data_path": None,
+        "valid_data_path": None,
         "tokenizer": "byte",
         "tokenizer_path": None,
         "split": "98,2,0",
