@@ -35,7 +35,6 @@ from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
-from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.utils import sharded_state_dict_default
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
@@ -46,15 +45,17 @@ from megatron_transmamba.config import TransMambaConfig
 from megatron_transmamba.layers.norm import RMSNorm, residual_stream_applies
 from megatron_transmamba.layers.packed_documents import PackedDocuments
 from megatron_transmamba.layers.rotary import rope_table
+from megatron_transmamba.megatron_adapter.language_module import LanguageModuleOnAnyDevice
 from megatron_transmamba.models.specs import layer_specs
 from megatron_transmamba.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_transmamba.parallel.initialize import model_process_groups
 
 
-class TransMambaLanguageModel(LanguageModule):
+class TransMambaLanguageModel(LanguageModuleOnAnyDevice):
     """Decoder-only LM whose layers follow ``config.layer_pattern``. It is a megatron-core
     ``LanguageModule`` for the tied embedding and LM head (``shared_embedding_or_output_weight``,
-    the embedding group, the tied checkpoint entry), which finalize_model_grads expects."""
+    the embedding group, the tied checkpoint entry), which finalize_model_grads expects; the
+    two methods it cannot take as they are live in ``megatron_adapter.language_module``."""
 
     def __init__(self, config: TransMambaConfig, vocab_size: int,
                  pg_collection=None,
@@ -149,41 +150,6 @@ class TransMambaLanguageModel(LanguageModule):
         self.mixer_rope_dim = (config.mamba_state_dim if config.uses_mixer
                                and config.mixer_position_embedding == "rope" else None)
         self.setup_embeddings_and_output_layer()
-
-    def _set_attention_backend(self) -> None:
-        """LanguageModule sets Transformer Engine's NVTE_*_ATTN variables here; our '*' layers
-        pick their attention in models/specs.py, so nothing is set."""
-
-    def setup_embeddings_and_output_layer(self) -> None:
-        """megatron-core's LanguageModule method, with the stage read from pre_process /
-        post_process and the weight kept on its device (megatron-core moves it to CUDA, which
-        gloo on CPU cannot): mark the embedding and LM head weights, and with tied weights on
-        two stages copy the embedding into the last stage's weight (zeros + all-reduce over the
-        embedding group of the first and last stage; exact)."""
-        if self.pre_process:
-            self.embedding.word_embeddings.weight.is_embedding_or_output_parameter = True
-        if self.post_process and self.output_layer.weight is not None:
-            self.output_layer.weight.is_embedding_or_output_parameter = True
-        if not self.share_embeddings_and_output_weights:
-            return
-        weight = self.shared_embedding_or_output_weight()
-        if self.pre_process and self.post_process:
-            weight.zero_out_wgrad = True             # one parameter used twice (megatron's mark)
-            return
-        if not (self.pre_process or self.post_process):
-            return
-        weight.shared_embedding = True                # own DDP bucket; embedding-group all-reduce
-        if self.post_process:
-            weight.shared = True                      # not counted twice (grad norm, parameters)
-        if get_pg_size(self.embd_group) > 1 and self._is_in_embd_group():
-            with torch.no_grad():
-                if self.post_process:
-                    weight.zero_()
-                buffer = weight.data   # CPU-initialised weights meet NCCL on the GPU
-                if torch.distributed.get_backend(self.embd_group) == "nccl":
-                    buffer = buffer.cuda()
-                torch.distributed.all_reduce(buffer, group=self.embd_group)
-                weight.data.copy_(buffer)
 
     def output_weight(self) -> Optional[Tensor]:
         """The weight the LM head multiplies by: the embedding's when tied, else its own (None)."""
