@@ -79,7 +79,12 @@ def check(records_paths) -> str:
              "|---|---|---|---|---|---|"]
     for records_path in records_paths:
         with open(records_path) as f:
-            records = json.load(f)["records"]
+            data = json.load(f)
+        if not isinstance(data, dict) or not isinstance(data.get("records"), list) or any(
+                "peak_gib" not in r for r in data["records"]):
+            raise SystemExit(f"{records_path}: not a tools/bench/model_throughput.py record "
+                             "(expected a 'records' list with 'peak_gib')")
+        records = data["records"]
         for r in records:
             if r["status"] != "ok" or r["micro_batch"] != 1 or r.get("peak_gib") is None:
                 continue

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-H200 run of docs/benchmarks.md, "TransMamba against its baselines": model throughput
+# The one-H200 run of docs/benchmarks.md, "Model throughput on one H200": model throughput
 # (tools/bench/model_throughput.py) of TransMamba, Transformer, Mamba-2 and hybrid of one shape
 # and our kernels against mamba_ssm's, in three stages that each fit one 10-minute device call:
 #

@@ -15,8 +15,8 @@ and records: the logits of a fixed batch before training, every parameter's weig
 gradient norm at step 1 (norms of tensor-parallel parameters are summed over the TP ranks, so
 they are layout-free and need no re-layout), the loss and grad norm of every step, the median
 step time after ``--warmup`` steps and the peak memory. The TP = 1 launch writes
-``<out>/tp1.pt``; the TP = 2 launch compares against it and prints a markdown report (for
-docs/benchmarks.md) with PASS / CHECK against the bf16 tolerances below. ``--section.key=value``
+``<out>/tp1.pt``; the TP = 2 launch compares against it and prints a markdown report (also
+``<out>/report.md``) with PASS / CHECK against the bf16 tolerances below. ``--section.key=value``
 overrides the run config in both launches (e.g. ``--model.mixer_backend=triton``,
 ``--training.precision=fp32``); ``--sequence-parallel`` turns SP on for the TP = 2 launch. It
 also runs on CPU (gloo, fp32) with a small config, which is how it was checked.

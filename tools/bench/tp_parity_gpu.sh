@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # TP = 2 against TP = 1 on two GPUs (NCCL, bf16): parity and step time; the report is printed
-# and written to $out/report.md (paste it into docs/benchmarks.md). Arguments go to both
+# and written to $out/report.md (no docs/results record is written yet). Arguments go to both
 # launches of tools/bench/tp_parity_gpu.py, e.g.
 #   bash tools/bench/tp_parity_gpu.sh --config examples/configs/transmamba_400m.yaml --steps 8
 #   bash tools/bench/tp_parity_gpu.sh --model.mixer_backend=triton --sequence-parallel
