@@ -3,7 +3,8 @@
 ``initialize_distributed`` is the one entry point for every process: under torchrun it reads
 RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, and without them it runs as a
 single process on a free localhost port. With CUDA it uses NCCL on ``cuda:LOCAL_RANK``;
-without CUDA it uses gloo on the CPU and applies ``cpu_compat.apply_cpu_compat()`` first.
+without CUDA gloo on the CPU. Before anything else of megatron-core runs it applies the
+``megatron_adapter`` patches (the CPU-only ones only without CUDA), once per process.
 The layout is checked before any rendezvous, so a bad layout fails on every rank at once
 instead of hanging in a collective, and the process group gets a finite timeout.
 ``DistributedInfo.process_groups`` is the one place the model and the schedules get their
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_transmamba.parallel.cpu_compat import apply_cpu_compat
+from megatron_transmamba import megatron_adapter
 
 DEFAULT_TIMEOUT_MINUTES = 10
 
@@ -121,7 +122,7 @@ def initialize_distributed(
         torch.cuda.set_device(device)
     else:
         backend, device = "gloo", torch.device("cpu")
-        apply_cpu_compat()
+    megatron_adapter.apply(cuda=device.type == "cuda")
 
     if under_launcher:
         init_method = "env://"

@@ -26,7 +26,6 @@ import sys
 import random
 import re
 import shutil
-import signal
 import zlib
 from dataclasses import dataclass
 from functools import partial
@@ -322,25 +321,11 @@ def _commit(tmp: str, final: str, info: dict, checksums: bool, keep_last: int) -
     _barrier()
 
 
-def _ignore_sigterm() -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def _save_strategy():
-    """megatron-core's torch_dist save strategy. Its writers report through a queue served by a
-    multiprocessing Manager; it is started here, once per process, to outlive a SIGTERM sent to
-    the whole job (SLURM preemption), which must still be able to save. megatron-core starts it
-    with spawn, which re-imports the entry script (seconds per rank); without CUDA fork is safe."""
-    import multiprocessing
-    from multiprocessing.managers import SyncManager
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    """megatron-core's torch_dist save strategy. Its writers report through a queue whose
+    Manager ``megatron_adapter`` (patch ``sigterm_proof_write_queue``) starts so that it
+    outlives a SIGTERM sent to the whole job (SLURM preemption), which must still save."""
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
-    if filesystem_async._results_queue is None:
-        context = multiprocessing.get_context("spawn" if torch.cuda.is_available() else "fork")
-        manager = SyncManager(ctx=context)
-        manager.start(_ignore_sigterm)
-        filesystem_async._results_queue = manager.Queue()     # the proxy keeps it alive
     return TorchDistSaveShardedStrategy("torch_dist", 1)
 
 
@@ -407,47 +392,12 @@ def _init_optimizer_state(optimizer) -> None:
 
 
 def _optimizer_sharded_state(optimizer, model: dict, is_loading: bool) -> dict:
-    """``optimizer.sharded_state_dict`` in the fully_reshardable form, with megatron-core 0.16's
-    slicing corrected: ``sharded_param_state_fully_reshardable`` cuts each parameter's state
-    out of ``get_parameter_state_dp_zero``'s tensors at its offset in the DDP buffer
-    (``param_index_map``), but those tensors leave out the padding between buckets, so every
-    parameter after the first bucket would be saved shifted (wrong Adam moments and main
-    weights on resume). This puts the padding back while the state dict is built. A chunk has
-    several buckets with overlap_grad_reduce above 40M parameters, and a tied embedding at
-    PP > 1 always has its own bucket (``shared_embedding``)."""
-    patched = []
-    for o in _optimizers(optimizer):
-        if _is_distributed(o):
-            o.get_parameter_state_dp_zero = partial(_bucket_padded_state, o,
-                                                    o.get_parameter_state_dp_zero)
-            patched.append(o)
-    try:
-        return optimizer.sharded_state_dict(model, is_loading=is_loading,
-                                            metadata=_OPTIMIZER_METADATA)
-    finally:
-        for o in patched:
-            del o.get_parameter_state_dp_zero            # the class's method again
-
-
-def _bucket_padded_state(o, get_state, *args, **kwargs):
-    """``get_parameter_state_dp_zero``'s state with each buffer's tensors laid out as the
-    buffer is: bucket b's values at ``bucket.offset``, zeros in the padding."""
-    state = get_state(*args, **kwargs)
-    if state is None:
-        return None
-    for index, buffer in enumerate(o.buffers):
-        for world in state[index].values():
-            for key in ("param", "exp_avg", "exp_avg_sq"):
-                if key not in world:
-                    continue
-                padded = torch.zeros(buffer.numel, dtype=world[key].dtype)
-                start = 0                                  # in the unpadded tensor
-                for bucket in buffer.buckets:
-                    padded[bucket.offset:bucket.offset + bucket.numel_unpadded] = \
-                        world[key][start:start + bucket.numel_unpadded]
-                    start += bucket.numel_unpadded
-                world[key] = padded
-    return state
+    """``optimizer.sharded_state_dict`` in the fully_reshardable form. megatron-core 0.16 cuts
+    each parameter's state at the wrong offset after a chunk's first DDP bucket; the
+    ``megatron_adapter`` patch ``fully_reshardable_bucket_padding`` corrects it (on save and
+    on load)."""
+    return optimizer.sharded_state_dict(model, is_loading=is_loading,
+                                        metadata=_OPTIMIZER_METADATA)
 
 
 def _load_optimizer(optimizer, state) -> None:
@@ -460,21 +410,13 @@ def _load_optimizer(optimizer, state) -> None:
             if kind != "fully_reshardable":
                 raise CheckpointError(f"optimizer state of type {kind!r}, expected "
                                       "'fully_reshardable'")
+            # torch Adam's 'step' survives both calls, one tensor per parameter: the
+            # megatron_adapter patches fully_reshardable_load_keeps_adam_step and
+            # distributed_optimizer_own_step_tensors
             o.load_state_dict(s)
-            # megatron-core 0.16 copies every state entry, torch Adam's 'step' included, from
-            # the loaded tensors, which hold no 'step': keep it aside meanwhile.
-            steps = {p: st.pop("step") for p, st in o.optimizer.state.items() if "step" in st}
             o.load_parameter_state_from_fully_reshardable(param_state)
-            for p, st in o.optimizer.state.items():
-                if p in steps:
-                    st["step"] = steps[p]
         else:
             o.load_state_dict(s)
-        # Without apex / TE every parameter gets the same `step` tensor, which torch's Adam
-        # would then increment once per parameter: give each its own.
-        for param_state in o.optimizer.state.values():
-            if torch.is_tensor(param_state.get("step")):
-                param_state["step"] = param_state["step"].clone()
 
 
 def _differences(saved: dict, current: dict) -> list[str]:
@@ -485,15 +427,20 @@ def _differences(saved: dict, current: dict) -> list[str]:
 
 class Checkpointer:
     """Saves and loads the training state of this rank (its model chunks, the optimizer, the
-    LR scheduler, RNG states, step and consumed samples). Every method is called by every rank
-    of the job at the same point (they communicate)."""
+    LR scheduler, RNG states, step and consumed samples), and owns the saving policy: the
+    interval (``due``), the last step saved or resumed (``last_saved``), keep-last and
+    asynchronous saves. Every method is called by every rank of the job at the same point
+    (they communicate)."""
 
     def __init__(self, save: str, process_groups, layout: dict, run_config: dict,
                  seq_length: int, keep_last: int = 2, async_save: bool = False,
-                 checksums: bool = True, log: Callable[[str], None] = print):
+                 checksums: bool = True, log: Callable[[str], None] = print,
+                 save_interval: int = 0):
         self.save_dir, self.groups, self.layout = save, process_groups, dict(layout)
         self.run_config, self.seq_length = run_config, seq_length
         self.keep_last, self.async_save, self.checksums = keep_last, async_save, checksums
+        self.save_interval = save_interval
+        self.last_saved: Optional[int] = None      # step of the newest save issued or resumed
         self.log = log
         self.rank = _rank_and_world()[0]
         self._strategy = None
@@ -503,6 +450,10 @@ class Checkpointer:
         if async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
             self._queue = AsyncCallsQueue()
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is a save step (every ``checkpoint.save_interval`` steps)."""
+        return bool(self.save_interval) and step % self.save_interval == 0
 
     def _coordinates(self) -> tuple[tuple, tuple]:
         """This rank's place in the PP x TP x DP (x CP, when CP > 1) grid of RNG states."""
@@ -529,6 +480,7 @@ class Checkpointer:
         completes at a later ``poll`` (or ``wait``); an earlier pending save is finished first."""
         from megatron.core import dist_checkpointing
         self._finalize(blocking=True)
+        self.last_saved = step
         final = os.path.join(self.save_dir, f"iter_{step:07d}")
         tmp = final + ".tmp"
         if self.rank == 0:
@@ -623,7 +575,9 @@ class Checkpointer:
         for _, path in reversed(found):
             problems = self._problems(path)
             if not problems:
-                return self._load(path, chunks, optimizer, scheduler)
+                resumed = self._load(path, chunks, optimizer, scheduler)
+                self.last_saved = resumed.step
+                return resumed
             listed = "; ".join(problems[:_MAX_LISTED])
             rejected.append(f"{path}: {listed}")
             if self.rank == 0:

@@ -43,6 +43,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
+from megatron_transmamba import megatron_adapter
 from megatron_transmamba.layers.norm import PLAIN
 from megatron_transmamba.layers.rotary import rope_table
 
@@ -79,35 +80,10 @@ def check_cuda_graphs(cfg, model_config, cuda_available: bool) -> None:
                          "in flight)")
 
 
-_dynamo_polyfills_registered = False
-
-
 def _register_dynamo_polyfills() -> None:
-    """What torch.compile needs of megatron-core 0.16 to trace a layer without a graph break
-    (the only megatron-core patch of this module; it changes nothing outside compiled code).
-
-    ``RowParallelLinear.forward`` passes ``tp_group=None`` to its matmul, and
-    ``megatron.core.utils.get_tensor_model_parallel_group_if_none`` then calls
-    ``warnings.warn`` on rank 0, which Dynamo cannot trace. In compiled code it is replaced by
-    the same function without the (deprecation) warning."""
-    global _dynamo_polyfills_registered
-    if _dynamo_polyfills_registered:
-        return
-    from megatron.core import parallel_state
-    from megatron.core import utils as megatron_utils
-
-    @torch.compiler.substitute_in_graph(megatron_utils.get_tensor_model_parallel_group_if_none)
-    def _tp_group_if_none(tp_group, is_expert=False, check_initialized=True):
-        if not torch.distributed.is_initialized():
-            return None
-        if not parallel_state.is_initialized() or tp_group is not None:
-            return tp_group
-        if is_expert:
-            return parallel_state.get_expert_tensor_parallel_group(
-                check_initialized=check_initialized)
-        return parallel_state.get_tensor_model_parallel_group(check_initialized=check_initialized)
-
-    _dynamo_polyfills_registered = True
+    """What torch.compile needs of megatron-core 0.16 to trace a layer without a graph break:
+    the ``megatron_adapter`` patch ``compiled_tp_group_without_warning`` (compiled code only)."""
+    megatron_adapter.apply_on_demand("compiled_tp_group_without_warning")
 
 
 def _raise_recompile_limits(chunks: list) -> None:

@@ -155,24 +155,24 @@ def _saved_optimizer_gaps(tmp_path, name, ddp, optimizer, scheduler, model, grou
     return gaps
 
 
-def test_checkpoint_keeps_the_optimizer_state_of_every_ddp_bucket(tmp_path, monkeypatch):
+def test_checkpoint_keeps_the_optimizer_state_of_every_ddp_bucket(tmp_path):
     """The checkpoint fix the tied PP = 2 run needed (its embedding has a DDP bucket of its
     own): megatron-core 0.16's fully_reshardable distributed-optimizer state cuts every
     parameter after the first bucket at the wrong offset (its gathered tensors drop the padding
-    between buckets). One process, the untied model in buckets of ~4k parameters: with
-    ``training/checkpoint.py``'s correction every saved Adam moment is the live one; without it
-    (megatron-core as is) later buckets' are not. When the second half fails, megatron-core has
-    fixed its slicing and the correction can go."""
+    between buckets). One process, the untied model in buckets of ~4k parameters: with the
+    ``megatron_adapter`` patch ``fully_reshardable_bucket_padding`` every saved Adam moment is
+    the live one; without it (megatron-core as is) later buckets' are not. When the second half
+    fails, megatron-core has fixed its slicing and the patch can go."""
     from functools import partial
 
     from megatron.core.distributed import (DistributedDataParallel,
                                            DistributedDataParallelConfig, finalize_model_grads)
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_transmamba import megatron_adapter
     from megatron_transmamba.config import TransMambaConfig
     from megatron_transmamba.models.language_model import TransMambaLanguageModel
     from megatron_transmamba.parallel.initialize import destroy_distributed, initialize_distributed
-    from megatron_transmamba.training import checkpoint as ckpt
     from megatron_transmamba.training.config import TrainingConfig
     from megatron_transmamba.training.pretrain import build_optimizer, lm_forward_step
 
@@ -198,9 +198,9 @@ def test_checkpoint_keeps_the_optimizer_state_of_every_ddp_bucket(tmp_path, monk
         corrected = _saved_optimizer_gaps(tmp_path, "corrected", ddp, optimizer, scheduler, model,
                                           info.process_groups)
         assert max(corrected.values()) == 0.0 and len(corrected) > 10
-        monkeypatch.setattr(ckpt, "_bucket_padded_state", lambda o, get, *a, **k: get(*a, **k))
-        as_is = _saved_optimizer_gaps(tmp_path, "as_is", ddp, optimizer, scheduler, model,
-                                      info.process_groups)
+        with megatron_adapter.suspended("fully_reshardable_bucket_padding"):
+            as_is = _saved_optimizer_gaps(tmp_path, "as_is", ddp, optimizer, scheduler, model,
+                                          info.process_groups)
         assert max(as_is.values()) > 1e-4
     finally:
         destroy_distributed()

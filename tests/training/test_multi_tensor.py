@@ -3,8 +3,8 @@
 import torch
 
 from megatron.core import utils
-from megatron_transmamba.training.multi_tensor import (foreach_l2_norm, foreach_scale,
-                                                       install_foreach_multi_tensor_ops)
+from megatron_transmamba import megatron_adapter
+from megatron_transmamba.training.multi_tensor import foreach_l2_norm, foreach_scale
 
 
 def tensors(seed=0):
@@ -32,10 +32,10 @@ def test_scale_in_place_copy_and_cast_equal_the_local_fallback():
                 assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-def test_install_replaces_only_the_local_fallbacks():
+def test_the_adapter_points_megatron_core_at_them():
     from megatron.core.optimizer import clip_grads, optimizer
 
-    install_foreach_multi_tensor_ops()
-    assert clip_grads.l2_norm_impl is not utils.local_multi_tensor_l2_norm
-    assert clip_grads.multi_tensor_scale_impl is not utils.local_multi_tensor_scale
-    assert optimizer.multi_tensor_scale_impl is not utils.local_multi_tensor_scale
+    megatron_adapter.apply()
+    assert clip_grads.l2_norm_impl is foreach_l2_norm
+    assert clip_grads.multi_tensor_scale_impl is foreach_scale
+    assert optimizer.multi_tensor_scale_impl is foreach_scale

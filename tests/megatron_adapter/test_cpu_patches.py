@@ -1,8 +1,9 @@
-"""cpu_compat: the CUDA tripwire over megatron-core, the apply contract, and a CPU training run.
+"""The CPU-only patches of megatron_adapter: the CUDA tripwire over megatron-core, their scope,
+the tensor-parallel RNG on the CPU, and a CPU training run of megatron-core's own layers.
 
 The tripwire counts ``torch.cuda.`` and ``"cuda"`` / ``'cuda'`` in every megatron-core file
 that our code path imports and compares them with ``megatron_core_cuda_calls.json``. Print
-the current counts with ``python tests/parallel/test_cpu_compat.py``.
+the current counts with ``python tests/megatron_adapter/test_cpu_patches.py``.
 """
 
 import json
@@ -16,13 +17,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_transmamba.parallel import cpu_compat
+from megatron_transmamba import megatron_adapter
 from megatron_transmamba.parallel.initialize import destroy_distributed, initialize_distributed
 
 TABLE_PATH = Path(__file__).with_name("megatron_core_cuda_calls.json")
 CPU_ONLY = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="cpu_compat is inactive (and untested) when CUDA exists"
+    torch.cuda.is_available(), reason="the CPU-only patches are not applied when CUDA exists"
 )
+CPU_PATCHES = [patch for patch in megatron_adapter.inventory() if patch.cpu_only]
 
 # What our code path imports from megatron-core; the scan covers everything these pull in.
 MEGATRON_PATH_IMPORTS = (
@@ -110,59 +112,19 @@ def test_cuda_calls_on_our_megatron_path_are_the_reviewed_ones(scan):
     assert not changes, (
         f"CUDA uses changed in megatron-core {scan['version']} (table recorded for "
         f"{recorded['megatron_core_version']}):\n" + "\n".join(changes) + "\n"
-        "Review each new call: if it runs on our CPU path, add a patch to PATCHES in "
-        "megatron_transmamba/parallel/cpu_compat.py; then update "
-        f"tests/parallel/{TABLE_PATH.name} (`python tests/parallel/test_cpu_compat.py` "
-        "prints the current table)."
+        "Review each new call: if it runs on our CPU path, add a patch to CPU_PATCHES in "
+        "megatron_transmamba/megatron_adapter/cpu.py; then update "
+        f"tests/megatron_adapter/{TABLE_PATH.name} (`python "
+        "tests/megatron_adapter/test_cpu_patches.py` prints the current table)."
     )
 
 
 @CPU_ONLY
 def test_every_patched_module_is_on_the_scanned_path(scan):
     scanned = set(scan["modules"])
-    for patch in cpu_compat.PATCHES:
-        assert patch.module in scanned, f"{patch.target}: {patch.module} is not scanned"
-
-
-class _RecordingPatch:
-    target, reason = "test", "counts apply() calls"
-
-    def __init__(self):
-        self.calls = 0
-
-    def apply(self):
-        self.calls += 1
-
-
-def test_apply_is_a_noop_with_cuda(monkeypatch):
-    patch = _RecordingPatch()
-    monkeypatch.setattr(cpu_compat, "PATCHES", (patch,))
-    monkeypatch.setattr(cpu_compat, "_applied", False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr("megatron.core.__version__", "99.0.0")  # not even checked
-    assert cpu_compat.apply_cpu_compat() is False
-    assert patch.calls == 0
-
-
-def test_apply_is_idempotent_without_cuda(monkeypatch):
-    patch = _RecordingPatch()
-    monkeypatch.setattr(cpu_compat, "PATCHES", (patch,))
-    monkeypatch.setattr(cpu_compat, "_applied", False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cpu_compat.apply_cpu_compat() is True
-    assert cpu_compat.apply_cpu_compat() is True
-    assert patch.calls == 1
-
-
-def test_apply_refuses_another_megatron_core(monkeypatch):
-    patch = _RecordingPatch()
-    monkeypatch.setattr(cpu_compat, "PATCHES", (patch,))
-    monkeypatch.setattr(cpu_compat, "_applied", False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("megatron.core.__version__", "0.17.0")
-    with pytest.raises(RuntimeError, match=r"written for megatron-core 0\.16\.x, found 0\.17\.0"):
-        cpu_compat.apply_cpu_compat()
-    assert patch.calls == 0
+    for patch in CPU_PATCHES:
+        for module in patch.modules:
+            assert module in scanned, f"{patch.target}: {module} is not scanned"
 
 
 @CPU_ONLY
@@ -170,13 +132,12 @@ def test_patches_are_scoped_to_megatron_modules():
     import megatron.core.tensor_parallel.layers as layers
 
     real_current_device = torch.cuda.current_device
-    cpu_compat.apply_cpu_compat()
+    megatron_adapter.apply()
     assert layers.torch.cuda.current_device() == torch.device("cpu")
     assert layers.torch.cuda.is_available is torch.cuda.is_available  # not listed: real one
     assert layers.torch.Tensor is torch.Tensor
     assert torch.cuda.current_device is real_current_device  # global torch.cuda untouched
-    for patch in cpu_compat.PATCHES:
-        assert patch.reason and patch.target
+    assert {patch.name for patch in CPU_PATCHES} <= set(megatron_adapter.applied())
 
 
 @pytest.fixture
@@ -407,7 +368,7 @@ def test_single_process_training_on_cpu(single_process, distributed_optimizer):
 
 if __name__ == "__main__":
     scanned = scan_megatron_core()
-    # Tolerates `python test_cpu_compat.py > megatron_core_cuda_calls.json` (file emptied).
+    # Tolerates `python test_cpu_patches.py > megatron_core_cuda_calls.json` (file emptied).
     table_text = TABLE_PATH.read_text().strip() if TABLE_PATH.exists() else ""
     recorded_files = json.loads(table_text)["files"] if table_text else {}
     found = count_cuda_uses(Path(scanned["root"]), [*scanned["files"], *recorded_files])
