@@ -173,3 +173,12 @@ def destroy_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    """Whether megatron's model-parallel state is set up in this process (by
+    ``initialize_distributed``, or by a caller of megatron-core directly): what a tool that
+    needs one process group asks before setting one up."""
+    from megatron.core import parallel_state
+
+    return parallel_state.model_parallel_is_initialized()
