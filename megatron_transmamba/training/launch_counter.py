@@ -263,7 +263,9 @@ def count_training_step(cfg, shrink: bool = True, bf16: bool = True) -> dict:
     ``bf16``: count the bf16 step that GPUs train (megatron-core's Float16Module and mixed
     precision optimizer, also on a CPU) rather than the float32 one.
     """
-    from megatron_transmamba.training import pretrain as trainer
+    from megatron_transmamba.parallel.initialize import (destroy_distributed,
+                                                         initialize_distributed)
+    from megatron_transmamba.training import build
 
     if shrink:
         cfg = shrunk(cfg)
@@ -271,14 +273,14 @@ def count_training_step(cfg, shrink: bool = True, bf16: bool = True) -> dict:
     if p.tensor_model_parallel_size * p.pipeline_model_parallel_size != 1:
         raise ValueError("count_launches counts one process: parallel.tensor_model_parallel_size "
                          "and pipeline_model_parallel_size must be 1")
-    trainer.check_run_config(cfg, 1)
-    model_config = trainer.build_model_config(cfg, bf16)
-    info = trainer.initialize_distributed(tensor_model_parallel_size=1,
-                                          pipeline_model_parallel_size=1, seed=t.seed)
+    build.check_run_config(cfg, 1)
+    model_config = build.build_model_config(cfg, bf16)
+    info = initialize_distributed(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                                  seed=t.seed)
     try:
         return _count(cfg, info, model_config, bf16)
     finally:
-        trainer.destroy_distributed()
+        destroy_distributed()
 
 
 def shrunk(cfg):
@@ -312,21 +314,22 @@ def _count(cfg, info, model_config, bf16: bool) -> dict:
 
     from megatron_transmamba.data.tokenizer import build_tokenizer
     from megatron_transmamba.models.language_model import TransMambaLanguageModel
-    from megatron_transmamba.training import pretrain as trainer
+    from megatron_transmamba.training import build
     from megatron_transmamba.training.optimizer_step import StepRecords, device_step
+    from megatron_transmamba.training.trainer import lm_forward_step
 
     t = cfg.training
     device = info.device
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
-    vocab = trainer.pad_vocab_size(tokenizer.vocab_size, t.make_vocab_size_divisible_by, 1)
+    vocab = build.pad_vocab_size(tokenizer.vocab_size, t.make_vocab_size_divisible_by, 1)
     model = TransMambaLanguageModel(model_config, vocab, pg_collection=info.process_groups,
                                     init_seed=t.seed, recompute=t.recompute == "full").to(device)
     if cfg.parallel.overlap_grad_reduce:        # as pretrain: no bucket waits for a frozen one
-        trainer.freeze_unused_parameters(model, vocab, model_config.seq_length, device)
-    ddp = trainer.wrap_model_chunks([model], model_config, bf16, cfg.parallel.use_distributed_optimizer,
+        build.freeze_unused_parameters(model, vocab, model_config.seq_length, device)
+    ddp = build.wrap_model_chunks([model], model_config, bf16, cfg.parallel.use_distributed_optimizer,
                                     cfg.parallel.overlap_grad_reduce)[0]
     with _cuda_type_names(device):
-        optimizer, scheduler = trainer.build_optimizer(ddp, t, bf16, model_config.params_dtype,
+        optimizer, scheduler = build.build_optimizer(ddp, t, bf16, model_config.params_dtype,
                                                        cfg.parallel.use_distributed_optimizer)
     T, batch = model_config.seq_length, t.micro_batch_size
     generator = torch.Generator().manual_seed(0)
@@ -334,7 +337,7 @@ def _count(cfg, info, model_config, bf16: bool) -> dict:
     sample = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
               "loss_mask": torch.ones(batch, T, device=device)}
     forward_backward = partial(get_forward_backward_func(), pg_collection=info.process_groups)
-    forward_step = partial(trainer.lm_forward_step, device=device)
+    forward_step = partial(lm_forward_step, device=device)
     symbols = [model_config.layer_pattern[i] for i in model.layer_range]
     counter = LaunchCounter()
     counter.main_grads = {buffer.grad_data.untyped_storage().data_ptr()

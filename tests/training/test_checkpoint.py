@@ -20,6 +20,7 @@ import torch
 from checkpoint_common import TRAIN_ITERS, copy_checkpoint, run_config
 from megatron_transmamba.training import checkpoint as ckpt
 from megatron_transmamba.training import pretrain as P
+from megatron_transmamba.training import trainer as training_loop
 from megatron_transmamba.training.config import build_run_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +42,7 @@ def reference(cache, tmp_path_factory):
 def inject(monkeypatch, faults: dict, micro_batches: int = 4):
     """Make the first micro-batch of the given (1-based) steps fail: 'loss' gives a NaN loss,
     'grad' a finite loss whose gradients are NaN, 'sigterm' sends this process SIGTERM."""
-    real = P.lm_forward_step
+    real = training_loop.lm_forward_step
     calls = {"n": 0}
 
     def forward_step(data_iterator, model, device, **kwargs):
@@ -57,7 +58,7 @@ def inject(monkeypatch, faults: dict, micro_batches: int = 4):
             os.kill(os.getpid(), signal.SIGTERM)
         return losses, loss_func
 
-    monkeypatch.setattr(P, "lm_forward_step", forward_step)
+    monkeypatch.setattr(training_loop, "lm_forward_step", forward_step)
 
 
 def test_a_checkpoint_holds_the_training_state(reference):
