@@ -33,7 +33,7 @@ from .chunk_kernels import (_INTERPRET, _chunk_bwd_dbc_kernel, _chunk_bwd_dx_ker
                             _chunk_state_fwd_kernel, _group_sum_kernel, _ssd_finalize_kernel,
                             _state_passing_bwd_kernel, _state_passing_bwd_tiled_kernel,
                             _state_passing_fwd_kernel, _state_passing_fwd_tiled_kernel)
-from .naive import _check_initial_states, _check_inputs, _documents
+from ..reference.ssd import _check_initial_states, _check_inputs, _documents
 
 __all__ = ["chunk_ssd_triton", "transmamba_ssd_triton", "ssd_forward", "ssd_backward"]
 

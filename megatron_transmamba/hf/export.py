@@ -4,7 +4,8 @@
 tensors, whose mixer components are joined) into full tensors, and writes a
 ``trust_remote_code`` folder: config.json (``model_type`` transmamba,
 ``architectures``, ``auto_map`` and the training run config for the way back),
-configuration/modeling files, sharded safetensors with ``model.safetensors.index.json``,
+configuration/modeling files and the reference math they import (``transmamba_kernels.reference``,
+verbatim), sharded safetensors with ``model.safetensors.index.json``,
 generation_config.json and tokenizer files. Everything is written into a temporary folder that
 is renamed only after both models ran on a sample batch longer than the largest TransPoint and
 their logits agree within ``tolerance``. ``import_hf`` writes a model-only training checkpoint
@@ -24,9 +25,15 @@ import torch
 from megatron_transmamba.config import TransMambaConfig
 from megatron_transmamba.hf import weights as W
 from megatron_transmamba.training import checkpoint as ckpt
+import transmamba_kernels.reference as _reference
 
 REMOTE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote")
 REMOTE_FILES = ("configuration_transmamba.py", "modeling_transmamba.py")
+# the reference math the remote model imports (``from .mixer import ...``): every module of
+# transmamba_kernels.reference, copied verbatim next to modeling_transmamba.py
+REFERENCE_DIR = os.path.dirname(os.path.abspath(_reference.__file__))
+REFERENCE_FILES = tuple(sorted(name for name in os.listdir(REFERENCE_DIR)
+                               if name.endswith(".py") and name != "__init__.py"))
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -212,8 +219,9 @@ def write_hf_folder(folder: str, full: dict, config: TransMambaConfig, run_confi
     with open(os.path.join(folder, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": eos, "pad_token_id": eos, "do_sample": False,
                    "max_new_tokens": 64}, f, indent=1)
-    for name in REMOTE_FILES:
-        shutil.copyfile(os.path.join(REMOTE_DIR, name), os.path.join(folder, name))
+    for directory, names in ((REMOTE_DIR, REMOTE_FILES), (REFERENCE_DIR, REFERENCE_FILES)):
+        for name in names:
+            shutil.copyfile(os.path.join(directory, name), os.path.join(folder, name))
     write_safetensors(W.to_hf(full, config), folder, max_shard_bytes)
 
 

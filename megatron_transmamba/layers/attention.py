@@ -20,7 +20,9 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -29,6 +31,9 @@ from megatron.core.utils import get_pg_size
 from torch import Tensor
 
 from megatron_transmamba.layers.packed_documents import PackedDocuments, document_attention
+from transmamba_kernels.reference.attention import cached_attention
+from transmamba_kernels.reference.cache import AttentionCache, allocate_attention_cache
+from transmamba_kernels.reference.rope import rope_angles
 from megatron_transmamba.parallel.context_parallel_attention import (
     context_parallel_causal_attention)
 from megatron_transmamba.parallel.context_parallel_documents import (
@@ -128,8 +133,61 @@ class SelfAttentionFusedRope(SelfAttention):
 
             self.fused_rope = rope_qk_triton
 
+    def _rotate(self, query: Tensor, key: Tensor, table: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE of query, key [S, B, heads, d] by table rows 0..S-1, as the training forward
+        does it (the fused kernel, or megatron-core's ``apply_rotary_pos_emb``)."""
+        if self.fused_rope is not None:
+            return self.fused_rope(query, key, table, seq_first=True)
+        return tuple(apply_rotary_pos_emb(t, table[:t.shape[0]], config=self.config,
+                                          cp_group=self.pg_collection.cp) for t in (query, key))
+
+    def _check_decoding(self) -> None:
+        if (get_pg_size(self.pg_collection.tp) != 1 or get_pg_size(self.pg_collection.cp) != 1
+                or self.config.attention_output_gate or self.config.rotary_interleaved):
+            raise NotImplementedError("decoding runs '*' layers at tensor- and context-parallel "
+                                      "size 1, without output gates or interleaved RoPE")
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int,
+                                 dtype: Optional[torch.dtype] = None) -> AttentionCache:
+        """An empty KV cache for ``max_seqlen`` tokens (it grows past that)."""
+        self._check_decoding()
+        weight = self.linear_qkv.weight
+        return allocate_attention_cache(batch_size, max_seqlen,
+                                        self.num_query_groups_per_partition,
+                                        self.hidden_size_per_attention_head,
+                                        dtype or weight.dtype, weight.device)
+
+    def _prefill(self, hidden_states: Tensor, rotary_pos_emb: Tensor,
+                 cache: AttentionCache) -> tuple[Tensor, Optional[Tensor]]:
+        """The training forward of a prompt [S, B, d] that also stores its rotated keys and
+        values in the empty ``cache``."""
+        self._check_decoding()
+        if cache.length:
+            raise ValueError(f"prefill into a cache holding {cache.length} tokens; use step")
+        query, key, value = self.get_query_key_value_tensors(hidden_states)  # [S, B, heads, d]
+        query, key = self._rotate(query, key, rotary_pos_emb)
+        cache.append(key.transpose(0, 1), value.transpose(0, 1))
+        out = self.core_attention(query, key, value, None, attn_mask_type=self.attn_mask_type)
+        return self.linear_proj(out)
+
+    def step(self, hidden_states: Tensor, cache: AttentionCache) -> tuple[Tensor, Optional[Tensor]]:
+        """One token [1, B, d] at position ``cache.length``: its query over every cached key
+        and value (``reference.attention.cached_attention``). Returns linear_proj's (out, bias)."""
+        query, key, value = self.get_query_key_value_tensors(hidden_states)   # [1, B, heads, d]
+        position = torch.tensor([cache.length], device=hidden_states.device)
+        table = rope_angles(position, self.hidden_size_per_attention_head, self.config.rope_theta)
+        query, key = self._rotate(query, key, table)
+        out = cached_attention(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
+                               cache, self.core_attention.softmax_scale)      # [B, 1, heads, d]
+        return self.linear_proj(out.reshape(1, out.shape[0], -1))
+
     def forward(self, hidden_states, attention_mask=None, key_value_states=None,
-                inference_context=None, rotary_pos_emb=None, packed_seq_params=None, **kwargs):
+                inference_context=None, rotary_pos_emb=None, packed_seq_params=None,
+                inference_cache: Optional[AttentionCache] = None, **kwargs):
+        """megatron-core's forward; ``inference_cache`` (an empty ``allocate_inference_cache``)
+        makes it the prefill, which also keeps the prompt's keys and values for ``step``."""
+        if inference_cache is not None:
+            return self._prefill(hidden_states, rotary_pos_emb, inference_cache)
         plain = (self.fused_rope is None or inference_context is not None
                  or kwargs.get("inference_params") is not None or key_value_states is not None
                  or not isinstance(rotary_pos_emb, Tensor)

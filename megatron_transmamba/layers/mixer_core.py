@@ -4,8 +4,10 @@ DESIGN section 1, step 5 (arXiv 2503.24067 section 2): with Q = C, K = B, V = x 
 shared projection, tokens before the TransPoint p take causal softmax attention (one Q/K group
 serves H/G value heads), the Memory Converter turns the prefix's K, V and dt into the SSM state
 after token p-1, and the SSM continues from that state for tokens [p, T). The ``torch`` backend
-here is the executable specification: PyTorch SDPA for attention and the chunked SSD scan of
-``transmamba_kernels.ssd.naive``; faster backends must match it. ``BACKENDS`` maps each
+here is the executable specification: ``transmamba_kernels.reference.mixer.transmamba_core``
+(PyTorch SDPA for attention, the Memory Converter and the chunked SSD scan of the reference),
+the same function decoding and the exported Hugging Face model run; faster backends must
+match it. ``BACKENDS`` maps each
 ``mixer_backend`` to its conv, core and gated grouped RMSNorm (``transmamba_kernels``).
 
 Packed documents (``PackedDocuments``): each document gets its own TransPoint min(p, length),
@@ -20,49 +22,25 @@ from __future__ import annotations
 import contextlib
 import math
 from functools import partial
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_transmamba.layers.memory_converter import memory_converter
 from megatron_transmamba.layers.packed_documents import PackedDocuments, document_attention
 from megatron_transmamba.layers.rotary import apply_rope
-from transmamba_kernels.conv.naive import causal_conv1d_silu_naive
 from transmamba_kernels.custom_op import custom_op
-from transmamba_kernels.norm.naive import gated_rmsnorm_naive
-from transmamba_kernels.ssd.naive import chunk_ssd_naive
+from transmamba_kernels.reference.attention import grouped_attention
+from transmamba_kernels.reference.conv import causal_conv1d_silu_naive
+from transmamba_kernels.reference.mixer import (RotaryFn, prefix_attention, processed_dt,
+                                                transmamba_core)
+from transmamba_kernels.reference.norm import gated_rmsnorm_naive
 
-RotaryFn = Callable[[Tensor], Tensor]
+__all__ = ["BACKENDS", "grouped_attention", "prefix_attention", "transmamba_core_torch",
+           "transmamba_core_triton", "fused_core", "mixer_core_torch", "mixer_core_triton"]
 
-
-def grouped_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float) -> Tensor:
-    """Causal softmax attention where each Q/K group serves H/G value heads.
-
-    Args:
-        q, k: [B, p, G, N]; v: [B, p, H, P].
-
-    Returns:
-        [B, p, H, P].
-    """
-    batch, p, heads, head_dim = v.shape
-    groups = q.shape[2]
-    # The softmax matrix is shared by the group, so the group's value heads are one wide value.
-    v_grouped = v.reshape(batch, p, groups, (heads // groups) * head_dim)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v_grouped.transpose(1, 2),
-        is_causal=True, scale=softmax_scale)                                     # [B, G, p, H/G*P]
-    return out.transpose(1, 2).reshape(batch, p, heads, head_dim)
-
-
-def prefix_attention(x: Tensor, B: Tensor, C: Tensor, p: int, softmax_scale: float,
-                     rotary: Optional[RotaryFn]) -> Tensor:
-    """Attention segment: Q = C, K = B (rotated when RoPE is on), V = x over tokens [0, p)."""
-    q, k = C[:, :p], B[:, :p]
-    if rotary is not None:
-        q, k = rotary(q), rotary(k)
-    return grouped_attention(q, k, x[:, :p], softmax_scale)
+_processed_dt = processed_dt      # the name the mixer's context-parallel paths import
 
 
 def transmamba_core_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
@@ -92,19 +70,7 @@ def transmamba_core_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
             # gradient reduction waits for every parameter).
             y = y + 0.0 * (dt.sum() + A.sum() + D.sum()).to(y.dtype)
         return y
-    seq_len = x.shape[1]
-    p = max(0, min(int(transpoint), seq_len))
-    parts = []
-    initial_state = None
-    if p > 0:
-        parts.append(prefix_attention(x, B, C, p, softmax_scale, rotary))
-        if p < seq_len:
-            initial_state = memory_converter(B[:, :p], x[:, :p], dt[:, :p], A)
-    if p < seq_len:
-        y_ssm = chunk_ssd_naive(x[:, p:], dt[:, p:], A, B[:, p:], C[:, p:], chunk_size, D=D,
-                                initial_states=initial_state)
-        parts.append(y_ssm.to(x.dtype))
-    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    return transmamba_core(x, dt, A, B, C, D, transpoint, chunk_size, softmax_scale, rotary)
 
 
 def transmamba_core_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
@@ -340,14 +306,6 @@ def causal_conv1d_silu_triton(x: Tensor, weight: Tensor, bias: Tensor,
     return fused(x, weight, bias, seq_idx)
 
 
-def _processed_dt(dt: Tensor, dt_bias: Tensor, A_log: Tensor, dt_limit, acc: torch.dtype):
-    """DESIGN step 4: dt = clamp(softplus(dt + dt_bias), dt_limit), A = -exp(A_log), in acc."""
-    dt = F.softplus(dt.to(acc) + dt_bias.to(acc))
-    if tuple(dt_limit) != (0.0, math.inf):        # softplus is already in (0, inf)
-        dt = dt.clamp(*dt_limit)
-    return dt, -torch.exp(A_log.to(acc))
-
-
 def mixer_core_torch(x: Tensor, dt: Tensor, dt_bias: Tensor, A_log: Tensor, B: Tensor,
                      C: Tensor, D: Tensor, transpoint: int, chunk_size: int,
                      softmax_scale: float, rope: Optional[Tensor] = None,
@@ -358,7 +316,7 @@ def mixer_core_torch(x: Tensor, dt: Tensor, dt_bias: Tensor, A_log: Tensor, B: T
     RoPE angle table or None. Returns (y [B, T, H, P], None) in float32 (float64 for a float64
     model) math; the second item is the triton backend's separate prefix (none here)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    dt, A = _processed_dt(dt, dt_bias, A_log, dt_limit, acc)
+    dt, A = processed_dt(dt, dt_bias, A_log, dt_limit, acc)
     rotary = partial(apply_rope, table=rope) if rope is not None else None
     return transmamba_core_torch(x, dt, A, B, C, D.to(acc), transpoint, chunk_size,
                                  softmax_scale, rotary, documents), None
@@ -374,7 +332,7 @@ def mixer_core_triton(x: Tensor, dt: Tensor, dt_bias: Tensor, A_log: Tensor, B: 
     of y before p are never read). Packed documents take the spliced path (one tensor)."""
     if documents is not None:
         acc = torch.float32
-        dt, A = _processed_dt(dt, dt_bias, A_log, dt_limit, acc)
+        dt, A = processed_dt(dt, dt_bias, A_log, dt_limit, acc)
         return transmamba_core_triton(x, dt, A, B, C, D.to(acc), transpoint, chunk_size,
                                       softmax_scale, rope, documents), None
     y, attention = fused_core(x, dt, dt_bias, A_log, B, C, D, transpoint, chunk_size,

@@ -1,7 +1,8 @@
 """RMSNorm that works without apex and under sequence parallelism, and the fused residual stream.
 
 megatron-core's torch norm wrapper refuses sequence parallelism without apex (NOTES), so the
-model uses this one everywhere: y = x / sqrt(mean(x^2) + eps) * weight, computed in float32.
+model uses this one everywhere: y = x / sqrt(mean(x^2) + eps) * weight, computed in float32
+(``transmamba_kernels.reference.norm.rmsnorm_naive``, the one PyTorch form).
 Under sequence parallelism each rank holds a slice of the sequence, so the weight's gradient is
 partial: the ``sequence_parallel`` attribute tells megatron-core to all-reduce it across the
 tensor-parallel group (finalize_model_grads). With ``mixer_backend: triton`` the norm is the
@@ -24,6 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from transmamba_kernels.reference.norm import rmsnorm_naive
 
 PLAIN = object()
 """Default of a layer's ``residual`` argument: the caller passes the plain hidden stream x and
@@ -56,10 +59,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.fused is not None:
             return self.fused(x, self.weight, self.eps)
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        h = x.to(acc)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * self.weight.to(acc)).to(x.dtype)
+        return rmsnorm_naive(x, self.weight, self.eps)
 
     def add_and_norm(self, x: Tensor, residual: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """(norm(x + residual), x + residual) for x, residual [..., d] (residual None: (norm(x),

@@ -1,4 +1,5 @@
-"""Rotary position embedding tables and their application (rotate-half convention).
+"""Rotary position embedding on the model's torch path: the reference math
+(``transmamba_kernels.reference.rope``) with cos and sin cached per table.
 
 The table has megatron-core's RotaryEmbedding layout [S, 1, 1, dim] (angles duplicated over the
 two halves), so the ``*`` layers pass it straight to megatron-core's SelfAttention; the
@@ -11,31 +12,23 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from transmamba_kernels.reference.rope import rope_cos_sin, rope_table, rotate
+
+__all__ = ["apply_rope", "apply_rope_at", "rope_table"]
+
 # cos and sign-folded sin of each table (the model passes one table to every layer), per
 # compute dtype, rebuilt when the table changes in place: every layer slices them instead of
 # launching cos/sin/neg kernels again.
 _TRIG = WeakIdKeyDictionary()
 
 
-def rope_table(seq_len: int, dim: int, theta: float, device=None) -> Tensor:
-    """Angles [seq_len, 1, 1, dim] for positions 0..seq_len-1 (float32)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    return torch.cat([angles, angles], dim=-1)[:, None, None, :]
-
-
 def _cos_sin(table: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin [S, dim] of the table's angles in ``acc``, the sin's first half negated (the
-    rotate-half sign)."""
+    """``rope_cos_sin`` of the table's angles [S, dim] in ``acc``, cached per table."""
     cached = _TRIG.get(table, {}).get(acc)
     if cached is not None and cached[0] == table._version:
         return cached[1]
     with torch.no_grad():
-        angles = table[:, 0, 0].to(acc)
-        half = angles.shape[-1] // 2
-        sin = angles.sin()
-        sin[:, :half].neg_()
-        value = (angles.cos(), sin)
+        value = rope_cos_sin(table[:, 0, 0], acc)
     _TRIG.setdefault(table, {})[acc] = (table._version, value)
     return value
 
@@ -45,25 +38,16 @@ def _trig(table: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
     code fuses cos/sin)."""
     if not torch.compiler.is_compiling():
         return _cos_sin(table, acc)
-    angles = table[:, 0, 0].to(acc)
-    half = angles.shape[-1] // 2
-    sin = angles.sin()
-    return angles.cos(), torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
-
-
-def _rotate(t: Tensor, cos: Tensor, signed_sin: Tensor, acc: torch.dtype) -> Tensor:
-    t_acc = t.to(acc)
-    rolled = torch.roll(t_acc, t.shape[-1] // 2, dims=-1)
-    return torch.addcmul(t_acc * cos, rolled, signed_sin).to(t.dtype)
+    return rope_cos_sin(table[:, 0, 0], acc)
 
 
 def apply_rope(t: Tensor, table: Tensor) -> Tensor:
-    """Rotate t [B, p, heads, dim] by the angles of positions 0..p-1 in ``table``:
-    t cos + rotate_half(t) sin, with rotate_half(t) = [-t2, t1] = roll(t, dim/2) * sign."""
+    """Rotate t [B, p, heads, dim] by the angles of positions 0..p-1 in ``table``
+    (``transmamba_kernels.reference.rope.apply_rope`` with cached cos and sin)."""
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
     cos, signed_sin = _trig(table, acc)
     p = t.shape[1]
-    return _rotate(t, cos[None, :p, None, :], signed_sin[None, :p, None, :], acc)
+    return rotate(t, cos[None, :p, None, :], signed_sin[None, :p, None, :])
 
 
 def apply_rope_at(t: Tensor, table: Tensor, position_ids: Tensor) -> Tensor:
@@ -72,4 +56,4 @@ def apply_rope_at(t: Tensor, table: Tensor, position_ids: Tensor) -> Tensor:
     parallelism: positions inside each document)."""
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
     cos, signed_sin = _trig(table, acc)
-    return _rotate(t, cos[position_ids][:, :, None], signed_sin[position_ids][:, :, None], acc)
+    return rotate(t, cos[position_ids][:, :, None], signed_sin[position_ids][:, :, None])

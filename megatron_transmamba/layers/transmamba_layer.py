@@ -24,6 +24,7 @@ from torch import Tensor
 from megatron_transmamba.config import TransMambaConfig
 from megatron_transmamba.layers.norm import PLAIN, RMSNorm
 from megatron_transmamba.layers.transmamba_mixer import TransMambaMixer
+from transmamba_kernels.reference.cache import MixerCache
 
 
 class TransMambaLayer(MegatronModule):
@@ -41,15 +42,25 @@ class TransMambaLayer(MegatronModule):
                                      cp_group=cp_group)
 
     def forward(self, hidden_states: Tensor, attention_mask=None, rotary_pos_emb=None,
-                packed_seq_params=None, residual=PLAIN, **unused) -> tuple[Tensor, Optional[Tensor]]:
+                packed_seq_params=None, residual=PLAIN, inference_cache: Optional[MixerCache] = None,
+                **unused) -> tuple[Tensor, Optional[Tensor]]:
         """hidden_states [S, B, d] (S/tp under SP; S this rank's shard under context
         parallelism, with ``rotary_pos_emb`` the global table) -> (x + mixer(norm(x)), None),
-        or with ``residual`` (module docstring) -> (mixer(norm(x)), x)."""
+        or with ``residual`` (module docstring) -> (mixer(norm(x)), x). ``inference_cache``:
+        the mixer's prefill fills it (``TransMambaMixer.forward``)."""
         stream = residual is not PLAIN
         normed, summed = self.norm.add_and_norm(hidden_states, residual if stream else None)
         out, _ = self.mixer(normed, rotary_pos_emb=rotary_pos_emb,
-                            packed_seq_params=packed_seq_params)
+                            packed_seq_params=packed_seq_params, inference_cache=inference_cache)
         return (out, summed) if stream else (summed + out, None)
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int,
+                                 dtype: Optional[torch.dtype] = None) -> MixerCache:
+        return self.mixer.allocate_inference_cache(batch_size, max_seqlen, dtype)
+
+    def step(self, hidden_states: Tensor, cache: MixerCache) -> Tensor:
+        """One token [1, B, d] -> x + mixer.step(norm(x)) [1, B, d]."""
+        return hidden_states + self.mixer.step(self.norm(hidden_states), cache)
 
 
 class ResidualStreamTransformerLayer(TransformerLayer):

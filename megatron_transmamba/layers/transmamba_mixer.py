@@ -44,16 +44,19 @@ from megatron.core.utils import get_pg_rank, get_pg_size, get_tensor_model_paral
 from torch import Tensor
 
 from megatron_transmamba.config import TransMambaConfig
-from megatron_transmamba.layers.mixer_core import BACKENDS, _processed_dt
+from megatron_transmamba.layers.mixer_core import BACKENDS
 from megatron_transmamba.layers.packed_documents import PackedDocuments
-from megatron_transmamba.layers.rotary import apply_rope_at
+from megatron_transmamba.layers.rotary import apply_rope, apply_rope_at
 from megatron_transmamba.parallel.context_parallel_attention import context_parallel_prefix_attention
 from megatron_transmamba.parallel.context_parallel_conv import context_parallel_causal_conv1d_silu
 from megatron_transmamba.parallel.context_parallel_documents import (
     context_parallel_document_attention)
 from megatron_transmamba.parallel.context_parallel_ssd import SCANS, context_parallel_ssd
 from megatron_transmamba.parallel.tensor_parallel import local_components, split_sharded_tensor
-from transmamba_kernels.norm.naive import gated_rmsnorm_naive
+from transmamba_kernels.reference.cache import MixerCache
+from transmamba_kernels.reference.mixer import (MixerShape, MixerWeights, allocate_mixer_cache,
+                                                mixer_forward, mixer_step, processed_dt)
+from transmamba_kernels.reference.norm import gated_rmsnorm_naive
 
 IN_PROJ_COMPONENTS = ("z", "x", "B", "C", "dt")
 CONV_COMPONENTS = ("x", "B", "C")
@@ -251,7 +254,7 @@ class TransMambaMixer(MegatronModule):
         y = y_prefix = None
         if p < total:       # some rank has SSM rows, and they need every earlier shard's state
             acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-            dt, A = _processed_dt(dt, self.dt_bias, self.A_log, tuple(self.config.dt_limit), acc)
+            dt, A = processed_dt(dt, self.dt_bias, self.A_log, tuple(self.config.dt_limit), acc)
             y = context_parallel_ssd(x, dt, A, B, C, self.config.ssd_chunk_size, D=self.D.to(acc),
                                      cp_group=self.cp_group, scan=self.cp_scan,
                                      transpoint=local_p).to(x.dtype)          # [B, S, H, P]
@@ -295,7 +298,7 @@ class TransMambaMixer(MegatronModule):
         # not depend on the data (overlapped gradient reduction waits for each of them)
         if p < self.cp_size * shard:
             acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-            dt, A = _processed_dt(dt, self.dt_bias, self.A_log, tuple(self.config.dt_limit), acc)
+            dt, A = processed_dt(dt, self.dt_bias, self.A_log, tuple(self.config.dt_limit), acc)
             # the Triton scan counts its TransPoint from each document's first local token
             y = context_parallel_ssd(x, dt, A, B, C, self.config.ssd_chunk_size, D=self.D.to(acc),
                                      cp_group=self.cp_group, scan=self.cp_scan,
@@ -317,14 +320,71 @@ class TransMambaMixer(MegatronModule):
                                   self.groups, self.config.layernorm_epsilon, p,
                                   position_ids=positions)
 
+    def decode_shape(self) -> MixerShape:
+        """This mixer's sizes and settings for the reference decoding functions."""
+        cfg = self.config
+        return MixerShape(self.heads, self.head_dim, self.groups, self.state_dim,
+                          cfg.mamba_conv_kernel, cfg.ssd_chunk_size, self.transpoint,
+                          cfg.layernorm_epsilon, tuple(cfg.dt_limit),
+                          cfg.rope_theta if cfg.mixer_position_embedding == "rope" else None)
+
+    def _decode_weights(self) -> MixerWeights:
+        return MixerWeights(self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log,
+                            self.D, self.norm_weight)
+
+    def _check_decoding(self) -> None:
+        if self.tp_size != 1 or self.cp_size != 1:
+            raise NotImplementedError(
+                f"decoding runs at tensor- and context-parallel size 1 (this mixer has TP = "
+                f"{self.tp_size}, CP = {self.cp_size}); a checkpoint of any layout loads at 1")
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int,
+                                 dtype: Optional[torch.dtype] = None) -> MixerCache:
+        """An empty decoding cache (mamba_ssm's ``Mamba2.allocate_inference_cache``): zero conv
+        and SSM states (float32, float64 for a float64 model) and prefix buffers for
+        min(p, max_seqlen) tokens (``transmamba_kernels.reference.cache.MixerCache``)."""
+        self._check_decoding()
+        weight = self.in_proj.weight
+        return allocate_mixer_cache(self.decode_shape(), batch_size, max_seqlen,
+                                    dtype or weight.dtype, weight.device)
+
+    def step(self, hidden_states: Tensor, cache: MixerCache) -> Tensor:
+        """One token: hidden_states [1, B, d] at position ``cache.length`` -> [1, B, d]
+        (``reference.mixer.mixer_step``: attention over the cached prefix before the
+        TransPoint, the Memory Converter after its last token, one SSM step from it on)."""
+        projected, _ = self.in_proj(hidden_states)                    # [1, B, width]
+        y = mixer_step(projected[0], self.decode_shape(), self._decode_weights(), cache)
+        out, _ = self.out_proj(y[None])                               # [1, B, d]
+        return out
+
+    def _prefill(self, hidden_states: Tensor, rotary_pos_emb: Optional[Tensor],
+                 cache: MixerCache) -> Tensor:
+        """``forward`` of a whole prompt into an empty cache, in one pass (the reference core,
+        whatever the backend: the torch backend's forward exactly)."""
+        self._check_decoding()
+        rotary = None
+        if rotary_pos_emb is not None and self.config.mixer_position_embedding == "rope":
+            rotary = partial(apply_rope, table=rotary_pos_emb)        # its cached cos / sin
+        projected, _ = self.in_proj(hidden_states)                    # [S, B, width]
+        y = mixer_forward(projected.transpose(0, 1), self.decode_shape(),
+                          self._decode_weights(), cache, rotary)      # [B, S, H*P]
+        out, _ = self.out_proj(y.transpose(0, 1))
+        return out
+
     def forward(self, hidden_states: Tensor, rotary_pos_emb: Optional[Tensor] = None,
                 packed_seq_params: Optional[PackedDocuments] = None,
+                inference_cache: Optional[MixerCache] = None,
                 **unused) -> tuple[Tensor, None]:
         """hidden_states: [S, B, d]; rotary_pos_emb: [S_max, 1, 1, N] (megatron RotaryEmbedding);
         packed_seq_params: the documents of the [B, S] micro-batch (whole S: under sequence
         parallelism in_proj has gathered the sequence before the core sees it). Under context
         parallelism S is this rank's shard, rotary_pos_emb the table of all R S positions and
-        packed_seq_params this rank's ``PackedDocuments.shard``."""
+        packed_seq_params this rank's ``PackedDocuments.shard``. ``inference_cache``: an empty
+        ``allocate_inference_cache``, filled for ``step`` at position S (prefill; unpacked)."""
+        if inference_cache is not None:
+            if packed_seq_params is not None:
+                raise NotImplementedError("prefill of packed documents is not supported")
+            return self._prefill(hidden_states, rotary_pos_emb, inference_cache), None
         if packed_seq_params is not None and packed_seq_params.cp_size != self.cp_size:
             raise ValueError(f"packed documents of {packed_seq_params.cp_size} context-parallel "
                              f"shard(s) given to a mixer with {self.cp_size}: pass "

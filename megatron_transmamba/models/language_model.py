@@ -49,6 +49,7 @@ from megatron_transmamba.megatron_adapter.language_module import LanguageModuleO
 from megatron_transmamba.models.specs import layer_specs
 from megatron_transmamba.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_transmamba.parallel.initialize import model_process_groups
+from transmamba_kernels.reference.cache import HybridCache
 
 
 class TransMambaLanguageModel(LanguageModuleOnAnyDevice):
@@ -164,6 +165,77 @@ class TransMambaLanguageModel(LanguageModuleOnAnyDevice):
             input_tensor = input_tensor[0]
         self.input_tensor = input_tensor
 
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int,
+                                 dtype: Optional[torch.dtype] = None) -> HybridCache:
+        """An empty decoding cache for ``batch_size`` rows of up to ``max_seqlen`` tokens (it
+        grows past that): each ``T`` / ``M`` and ``*`` layer's own ``allocate_inference_cache``
+        (``transmamba_kernels.reference.cache``), None for ``-``. One process: TP = CP = PP = 1."""
+        if not (self.pre_process and self.post_process):
+            raise NotImplementedError("decoding runs the whole model in one process (PP = 1)")
+        layers = []
+        for index, layer in zip(self.layer_range, self.layers):
+            symbol = self.config.layer_pattern[index]
+            if symbol in "TM":
+                layers.append(layer.allocate_inference_cache(batch_size, max_seqlen, dtype))
+            elif symbol == "*":
+                layers.append(layer.self_attention.allocate_inference_cache(batch_size, max_seqlen,
+                                                                            dtype))
+            else:
+                layers.append(None)
+        return HybridCache(layers)
+
+    def prefill(self, input_ids: Tensor, cache: HybridCache) -> Tensor:
+        """Logits [B, L, V] of a prompt ``input_ids`` [B, L] (unpadded rows of one length),
+        running every layer once and leaving ``cache`` (empty, from
+        ``allocate_inference_cache``) ready for ``step`` at position L. The logits are the
+        training forward's (exactly, with the torch backend)."""
+        if cache.seen_tokens:
+            raise ValueError(f"prefill into a cache that has seen {cache.seen_tokens} tokens")
+        length = input_ids.shape[1]
+        positions = torch.arange(length, device=input_ids.device)[None]
+        hidden = self.embedding(input_ids=input_ids, position_ids=positions)          # [S, B, d]
+        mixer_rope = attention_rope = None
+        if self.mixer_rope_dim:
+            mixer_rope = rope_table(length, self.mixer_rope_dim, self.config.rope_theta,
+                                    input_ids.device)
+        if self.attention_rope_dim:
+            attention_rope = rope_table(length, self.attention_rope_dim, self.config.rope_theta,
+                                        input_ids.device)
+        for index, layer, layer_cache in zip(self.layer_range, self.layers, cache.layers):
+            symbol = self.config.layer_pattern[index]
+            if symbol in "TM":
+                hidden, _ = layer(hidden, rotary_pos_emb=mixer_rope, inference_cache=layer_cache)
+            elif symbol == "*":
+                out = layer.self_attention(layer.input_layernorm(hidden), None,
+                                           rotary_pos_emb=attention_rope,
+                                           inference_cache=layer_cache)
+                hidden = _add_attention(hidden, *out)
+            else:
+                hidden, _ = layer(hidden, attention_mask=None)
+        cache.seen_tokens = length
+        return self._logits(hidden)
+
+    def step(self, input_ids: Tensor, cache: HybridCache) -> Tensor:
+        """One token per row, ``input_ids`` [B, 1], at position ``cache.seen_tokens`` -> logits
+        [B, 1, V]: each ``T`` / ``M`` and ``*`` layer's ``step`` on its cache (``-`` layers run
+        their forward). The per-token cost of a ``T`` layer stops growing at its TransPoint."""
+        hidden = self.embedding(input_ids=input_ids, position_ids=None)               # [1, B, d]
+        for index, layer, layer_cache in zip(self.layer_range, self.layers, cache.layers):
+            symbol = self.config.layer_pattern[index]
+            if symbol in "TM":
+                hidden = layer.step(hidden, layer_cache)
+            elif symbol == "*":
+                out = layer.self_attention.step(layer.input_layernorm(hidden), layer_cache)
+                hidden = _add_attention(hidden, *out)
+            else:
+                hidden, _ = layer(hidden, attention_mask=None)
+        cache.seen_tokens += 1
+        return self._logits(hidden)
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        logits, _ = self.output_layer(self.final_norm(hidden), weight=self.output_weight())
+        return logits.transpose(0, 1).contiguous()                              # [B, S, V]
+
     def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None) -> Tensor:
         """input_ids, labels: [B, S]. Returns loss [B, S] with labels, else logits [B, S, V/tp];
@@ -261,6 +333,11 @@ class TransMambaLanguageModel(LanguageModuleOnAnyDevice):
                 sharded, f"{prefix}output_layer.weight", f"{prefix}embedding.word_embeddings.weight",
                 metadata)
         return sharded
+
+
+def _add_attention(hidden: Tensor, out: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """A ``*`` layer's residual add in evaluation (megatron's bias-dropout-add without dropout)."""
+    return hidden + (out if bias is None else out + bias)
 
 
 def _run_layer(layer, hidden: Tensor, rope, documents: Optional[PackedDocuments] = None) -> Tensor:

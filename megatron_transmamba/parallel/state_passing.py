@@ -21,7 +21,7 @@ import torch
 
 from transmamba_kernels.ssd import chunk_ssd_naive
 # float32, or float64 when any input is float64: the SSD references' precision
-from transmamba_kernels.ssd.naive import _compute_dtype
+from transmamba_kernels.reference.ssd import _compute_dtype
 
 __all__ = ["shard_summary", "compose_initial_states", "sharded_ssd_reference"]
 

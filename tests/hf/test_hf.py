@@ -2,6 +2,8 @@
 
 import json
 import os
+import pathlib
+import re
 import stat
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 from helpers import perturb_norms_and_dt
 from megatron_transmamba.hf import export as E
 from megatron_transmamba.hf import weights as W
-from megatron_transmamba.inference.generate import HybridCache, generate
+from megatron_transmamba.inference.generate import generate
 from megatron_transmamba.training import checkpoint as ckpt
 
 # Layers: T (p=16) - * - M - T (p=40) -; seq 64, chunk 16 (prompts cross chunk borders).
@@ -50,7 +52,14 @@ def test_folder_layout(exported):
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "transmamba" and config["transpoints"] == [16, None, None, None, 0, None, 40, None]
     assert not [f for f in os.listdir(exported["root"]) if ".tmp" in f]
-    assert "megatron_transmamba" not in (folder / "modeling_transmamba.py").read_text()
+    # the reference math beside the model, verbatim; nothing imports the package
+    assert set(E.REFERENCE_FILES) <= files and {"mixer.py", "ssd.py", "memory_converter.py"} <= files
+    for name in E.REFERENCE_FILES:
+        assert (folder / name).read_bytes() == (pathlib.Path(E.REFERENCE_DIR) / name).read_bytes()
+    package_import = re.compile(r"^\s*(from|import)\s+(megatron_transmamba|transmamba_kernels)\b",
+                                re.MULTILINE)
+    assert not [f for f in files if f.endswith(".py")
+                and package_import.search((folder / f).read_text())]
     # the folder and its files get the user's umask, not mkdtemp's 0700
     mask = os.umask(0)
     os.umask(mask)
@@ -69,8 +78,9 @@ def test_logit_parity_beyond_largest_transpoint(exported):
     assert exported["summary"]["max_abs_logit_diff"] <= 1e-4
 
 
-# before the first TransPoint, exactly at it (prefill ends on the Memory Converter), after both
-@pytest.mark.parametrize("prompt_len", [10, 16, 50])
+# before the first TransPoint, exactly at it (prefill ends on the Memory Converter), between,
+# exactly at the second, after both
+@pytest.mark.parametrize("prompt_len", [10, 16, 30, 40, 50])
 def test_greedy_generation_matches_our_entry_point(exported, prompt_len):
     prompt = torch.randint(0, 256, (2, prompt_len))
     ours = generate(exported["model"], prompt, max_new_tokens=64)
@@ -119,11 +129,13 @@ def test_kv_cache_released_after_transpoint(exported):
     assert kv[40 - 4] == [0, 40, 0]                                            # layer 6: p = 40
     after = [s[0] for s in sizes[16 - 4:]]
     assert len(set(after)) == 1 and after[0] < sizes[16 - 4 - 1][0]          # constant, smaller
-    assert sizes[-1][1] > sizes[40 - 4][1]                                    # '*' keeps growing
-    ours = HybridCache(8)
+    assert [s[2] for s in sizes[40 - 4:]] == [after[0]] * (60 - 40)           # p = 40 likewise
+    assert kv[-1][1] == 59 and sizes[-1][1] > sizes[0][1]                     # '*' keeps growing
+    ours = exported["model"].allocate_inference_cache(1, 45)
     generate(exported["model"], tokens[:, :20], 25, cache=ours)
     assert ours.seen_tokens == 44 and ours.kv_length(2) == 44
-    assert ours.kv_length(0) == ours.kv_length(6) == 0 and "ssm_state" in ours.layers[6]
+    assert ours.kv_length(0) == ours.kv_length(6) == 0 and ours.layers[6].keys is None
+    assert ours.layer_nbytes(0) == ours.layer_nbytes(6) == after[0]           # as in HF
 
 
 def test_round_trip_is_tensor_equal(exported, tmp_path):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_transmamba.config import TransMambaConfig
-from megatron_transmamba.layers.memory_converter import memory_converter
+from transmamba_kernels.reference.memory_converter import memory_converter
 from megatron_transmamba.layers.transmamba_mixer import TransMambaMixer
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
