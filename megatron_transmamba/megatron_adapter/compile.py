@@ -13,10 +13,13 @@ import warnings
 
 import torch
 
-from megatron_transmamba.megatron_adapter.patching import Polyfill, PolyfillSwitch
+from megatron_transmamba.megatron_adapter.patching import Polyfill
+
+# Whether the stand-in is in force (the patch applied); off, it warns as megatron-core does.
+polyfill_active = False
 
 
-def _tp_group_if_none(switch: PolyfillSwitch):
+def _tp_group_if_none():
     from megatron.core import parallel_state
 
     def get_tensor_model_parallel_group_if_none(tp_group, is_expert=False,
@@ -25,7 +28,7 @@ def _tp_group_if_none(switch: PolyfillSwitch):
             return None
         if not parallel_state.is_initialized() or tp_group is not None:
             return tp_group
-        if not switch.active and torch.distributed.get_rank() == 0:   # megatron-core's own
+        if not polyfill_active and torch.distributed.get_rank() == 0:   # megatron-core's own
             warnings.warn("Warning: tp_group is None, using default tp group. Passing tp_group "
                           "will be mandatory soon", DeprecationWarning, stacklevel=2)
         if is_expert:
@@ -40,7 +43,7 @@ COMPILE_PATCHES = (
     Polyfill(
         name="compiled_tp_group_without_warning",
         function="megatron.core.utils:get_tensor_model_parallel_group_if_none",
-        make=_tp_group_if_none, switch=PolyfillSwitch(), on_demand="training.compile",
+        make=_tp_group_if_none, flag=f"{__name__}:polyfill_active", on_demand="training.compile",
         reason="RowParallelLinear passes tp_group=None and the lookup warns (warnings.warn), "
                "which Dynamo cannot trace: a graph break in every compiled layer",
     ),

@@ -278,26 +278,22 @@ class LogFilter(Patch):
         return tuple(logging.getLogger(self.logger).filters)
 
 
-class PolyfillSwitch:
-    """Whether a registered polyfill is in force: Dynamo keeps a registration for the life of
-    the process (torch has no unregister), so ``remove`` turns it off instead; off, the
-    polyfill does what the original does."""
-
-    def __init__(self):
-        self.active = False
-        self.registered = False
+# Polyfills registered with Dynamo in this process: a registration lasts for the life of the
+# process (torch has no unregister), so ``remove`` turns a polyfill off through its flag.
+_REGISTERED_POLYFILLS: set = set()
 
 
 @dataclass(frozen=True)
 class Polyfill(Patch):
     """``function`` replaced inside Dynamo-compiled code only (``torch.compiler.
     substitute_in_graph``); eager code keeps calling megatron-core's function, which is not
-    changed. ``make(switch)`` builds the traceable stand-in; it must do what the original does
-    while ``switch.active`` is false."""
+    changed. ``make()`` builds the traceable stand-in, which must do what the original does
+    while the module-level bool ``flag`` ('module:NAME', read as a global so that Dynamo guards
+    on it) is false; apply sets it, remove clears it."""
 
     function: str = ""
     make: Callable = None
-    switch: PolyfillSwitch = None
+    flag: str = ""
 
     @property
     def targets(self) -> Tuple[str, ...]:
@@ -308,20 +304,20 @@ class Polyfill(Patch):
         return (self.function.partition(":")[0],)
 
     def apply(self):
-        if not self.switch.registered:
+        if self.name not in _REGISTERED_POLYFILLS:
             owner, name = resolve(self.function)
-            torch.compiler.substitute_in_graph(getattr(owner, name))(self.make(self.switch))
-            self.switch.registered = True
-        self.switch.active = True
+            torch.compiler.substitute_in_graph(getattr(owner, name))(self.make())
+            _REGISTERED_POLYFILLS.add(self.name)
+        setattr(*resolve(self.flag), True)
         return True
 
     def remove(self, record) -> None:
-        self.switch.active = False
+        setattr(*resolve(self.flag), False)
 
     def snapshot(self) -> tuple:
         owner, name = resolve(self.function)
         function = _own(owner, name)
-        return (function, function.__code__, self.switch.active)
+        return (function, function.__code__, getattr(*resolve(self.flag)))
 
 
 @dataclass(frozen=True)

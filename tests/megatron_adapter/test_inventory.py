@@ -81,7 +81,7 @@ def test_apply_then_remove_leaves_every_target_as_it_was(clean):
     changed = set(differing(before, snapshots()))
     overrides = {p.name for p in PATCHES if isinstance(p, Override)}
     # every patch in force changed its targets (an override changes nothing of megatron-core;
-    # a polyfill's registration in Dynamo stays, its switch is the target), nothing else did
+    # a polyfill's registration in Dynamo stays, its flag is the target), nothing else did
     conditional = {p.name for p in PATCHES if getattr(p, "only_if", None)}  # TE / apex
     assert applied >= {p.name for p in PATCHES} - conditional
     assert changed == applied - overrides
