@@ -25,7 +25,6 @@ from functools import partial
 from typing import Callable, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import grouped_attention
@@ -34,7 +33,7 @@ from .conv import causal_conv1d_silu_naive, causal_conv1d_silu_step_naive, causa
 from .memory_converter import memory_converter
 from .norm import gated_rmsnorm_naive
 from .rope import apply_rope, rope_angles, rope_table
-from .ssd import chunk_ssd_naive, ssd_step_naive
+from .ssd import _discretize_dt, chunk_ssd_naive, ssd_step_naive
 
 RotaryFn = Callable[[Tensor], Tensor]
 
@@ -81,11 +80,9 @@ class MixerWeights(NamedTuple):
 
 
 def processed_dt(dt: Tensor, dt_bias: Tensor, A_log: Tensor, dt_limit, acc: torch.dtype):
-    """DESIGN step 4: dt = clamp(softplus(dt + dt_bias), dt_limit), A = -exp(A_log), in acc."""
-    dt = F.softplus(dt.to(acc) + dt_bias.to(acc))
-    if tuple(dt_limit) != (0.0, math.inf):        # softplus is already in (0, inf)
-        dt = dt.clamp(*dt_limit)
-    return dt, -torch.exp(A_log.to(acc))
+    """DESIGN step 4: dt = clamp(softplus(dt + dt_bias), dt_limit), A = -exp(A_log), in acc
+    (the SSD scan's own dt processing, done once before the segments share dt)."""
+    return _discretize_dt(dt.to(acc), dt_bias.to(acc), True, dt_limit), -torch.exp(A_log.to(acc))
 
 
 def prefix_attention(x: Tensor, B: Tensor, C: Tensor, p: int, softmax_scale: float,
