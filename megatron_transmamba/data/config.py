@@ -28,6 +28,11 @@ class DataConfig:
     train and valid splits of ``tools/data/build_code_corpus.py``, so the validation text is
     text the model never trained on. Needs ``data_path``."""
 
+    valid_seed: int | None = None
+    """With ``valid_data_path``: the seed that picks and orders the validation samples (None:
+    ``training.seed``). A fixed value evaluates runs of different seeds on the same batches, so
+    their losses differ by training only."""
+
     tokenizer: str = "byte"
     """``"byte"`` (UTF-8 bytes plus EOD, vocab 257) or ``"hf"`` (a tokenizer.json at
     ``tokenizer_path``). Must be the tokenizer the datasets in ``data_path`` were made with."""
@@ -112,7 +117,13 @@ class DataConfig:
         _validate_prefixes("data.data_path", self.data_path)
 
     def _validate_valid_data_path(self) -> None:
+        if self.valid_seed is not None and (isinstance(self.valid_seed, bool)
+                                            or not isinstance(self.valid_seed, int)):
+            raise ValueError(f"data.valid_seed={self.valid_seed!r}: expected an integer or None")
         if self.valid_data_path is None:
+            if self.valid_seed is not None:
+                raise ValueError("data.valid_seed needs data.valid_data_path (with data.split the "
+                                 "validation samples follow training.seed)")
             return
         _validate_prefixes("data.valid_data_path", self.valid_data_path)
         if self.data_path is None:

@@ -90,7 +90,8 @@ def build_pretraining_datasets(
     Args:
         cfg: data options; ``cfg.data_path=None`` builds the embedded corpus first. With
             ``cfg.valid_data_path`` the train dataset is all of ``data_path``, the validation
-            dataset all of ``valid_data_path``, and there is no test dataset.
+            dataset all of ``valid_data_path`` (its samples drawn with ``cfg.valid_seed`` when
+            set), and there is no test dataset.
         tokenizer: the tokenizer of the data (``eod``, ``pad``, ``vocab_size``,
             ``unique_identifiers``), e.g. from ``build_tokenizer(cfg.tokenizer, ...)``.
         seq_length: tokens per sample T; each sample is ``{"tokens", "labels",
@@ -117,33 +118,40 @@ def build_pretraining_datasets(
         blend = cfg.blend()
     valid_blend = cfg.valid_blend()
     if valid_blend is None:        # one distribution, cut into train / valid / test by split
-        sources = dict(blend=blend, split=cfg.split)
+        parts = [(seed, dict(blend=blend, split=cfg.split))]
         prefixes = blend[0]
     else:                          # megatron's --train-data-path / --valid-data-path
-        sources = dict(blend_per_split=[blend, valid_blend, None])
+        valid_seed = seed if cfg.valid_seed is None else cfg.valid_seed
+        parts = [(seed, dict(blend_per_split=[blend, None, None])),
+                 (valid_seed, dict(blend_per_split=[None, valid_blend, None]))]
         prefixes = blend[0] + valid_blend[0]
 
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
-        **sources,
-        path_to_cache=os.path.join(cfg.cache_dir, "gpt_indices", data_fingerprint(prefixes)),
-        mmap_bin_files=True,
-        tokenizer=tokenizer,
-        # Without reset_at_eod attention runs across document boundaries, and so do positions.
-        # With it the model keeps documents apart from cu_seqlens (collate_documents), so no
-        # S x S mask is built. Either way the EOD token is a prediction target like any other.
-        reset_position_ids=cfg.reset_at_eod,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-    )
-    if valid_blend is None:
-        _check_splits_have_documents(blend[0], config.split_matrix, cfg.split)
-    builder = _DatasetBuilder(
-        GPTDataset, list(num_samples), is_built_on_rank or (lambda: True), config
-    )
-    train, valid, test = builder.build()
+    datasets = [None, None, None]
+    for part_seed, sources in parts:
+        config = GPTDatasetConfig(
+            random_seed=part_seed,
+            sequence_length=seq_length,
+            **sources,
+            path_to_cache=os.path.join(cfg.cache_dir, "gpt_indices", data_fingerprint(prefixes)),
+            mmap_bin_files=True,
+            tokenizer=tokenizer,
+            # Without reset_at_eod attention runs across document boundaries, and so do
+            # positions. With it the model keeps documents apart from cu_seqlens
+            # (collate_documents), so no S x S mask is built. Either way the EOD token is a
+            # prediction target like any other.
+            reset_position_ids=cfg.reset_at_eod,
+            reset_attention_mask=False,
+            eod_mask_loss=False,
+            create_attention_mask=False,
+        )
+        if valid_blend is None:
+            _check_splits_have_documents(blend[0], config.split_matrix, cfg.split)
+        builder = _DatasetBuilder(GPTDataset, list(num_samples), is_built_on_rank or (lambda: True),
+                                  config)
+        for i, dataset in enumerate(builder.build()):
+            if dataset is not None:
+                datasets[i] = dataset
+    train, valid, test = datasets
     return train, valid, test
 
 

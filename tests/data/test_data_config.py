@@ -12,6 +12,7 @@ def test_fields_and_defaults_are_frozen():
     assert fields == {
         "data_path": None,
         "valid_data_path": None,
+        "valid_seed": None,
         "tokenizer": "byte",
         "tokenizer_path": None,
         "split": "98,2,0",

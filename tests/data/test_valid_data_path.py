@@ -61,7 +61,35 @@ def test_weighted_validation_blend(tmp_path):
     assert min(seen) >= 100 and max(seen) >= 150 and min(seen) < 150
 
 
+def _first_batches(dataset, count=3):
+    loader = build_data_loader(dataset, 0, 2, 0, 1, 0)
+    return [batch["tokens"].clone() for _, batch in zip(range(count), loader)]
+
+
+def test_valid_seed_fixes_the_validation_batches_across_training_seeds(tmp_path):
+    train = _write(tmp_path / "train", 0, 100, documents=20)
+    valid = _write(tmp_path / "valid", 100, 200, documents=20)
+
+    def build(seed, valid_seed):
+        cfg = DataConfig(data_path=[train], valid_data_path=[valid], valid_seed=valid_seed,
+                         cache_dir=str(tmp_path / "cache"))
+        train_ds, valid_ds, _ = build_pretraining_datasets(cfg, ByteTokenizer(), 16, (12, 12, 0), seed)
+        return _first_batches(train_ds), _first_batches(valid_ds)
+
+    train_1, valid_1 = build(1, 7)
+    train_2, valid_2 = build(2, 7)
+    assert not all(a.equal(b) for a, b in zip(train_1, train_2))     # training follows the seed
+    assert all(a.equal(b) for a, b in zip(valid_1, valid_2))         # validation does not
+    _, own_1 = build(1, None)                                        # default: the training seed
+    _, own_2 = build(2, None)
+    assert not all(a.equal(b) for a, b in zip(own_1, own_2))
+    assert all(a.equal(b) for a, b in zip(build(7, None)[1], valid_1))
+
+
 @pytest.mark.parametrize("changes, message", [
+    ({"valid_seed": 3}, r"^data\.valid_seed needs data\.valid_data_path"),
+    ({"data_path": ["t"], "valid_data_path": ["v"], "valid_seed": True},
+     r"^data\.valid_seed=True: expected an integer or None"),
     ({"valid_data_path": ["v"]}, r"^data\.valid_data_path needs data\.data_path"),
     ({"data_path": ["t"], "valid_data_path": "v"}, r"^data\.valid_data_path='v': must be a list"),
     ({"data_path": ["t"], "valid_data_path": []}, r"^data\.valid_data_path=\[\]: needs"),
