@@ -15,37 +15,17 @@ With ``data.reset_at_eod`` each sample is split after every EOD token: GPTDatase
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
 from typing import Callable, Iterator, Sequence
 
 import torch
-from megatron.core.datasets.blended_dataset import BlendedDataset
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_transmamba.data.config import DataConfig
 from megatron_transmamba.data.embedded_corpus import prepare_default_dataset
-
-
-class _DatasetBuilder(BlendedMegatronDatasetBuilder):
-    """megatron-core's builder, runnable without torch.distributed for weighted blends."""
-
-    @staticmethod
-    def build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args):
-        if cls is BlendedDataset and not torch.distributed.is_initialized():
-            # BlendedDataset calls torch.distributed.get_rank() on an index-cache miss, which
-            # raises without a process group; uncached, it builds its (cheap) blending indices
-            # in memory instead. The mid-level GPTDatasets keep their cache.
-            *rest, config = args
-            config = copy.copy(config)
-            config.path_to_cache = None
-            args = (*rest, config)
-        return BlendedMegatronDatasetBuilder.build_generic_dataset(
-            cls, is_built_on_rank, synchronize_ranks, *args
-        )
+from megatron_transmamba.megatron_adapter.datasets import DatasetBuilder
 
 
 def _prepare_embedded_corpus(cfg: DataConfig) -> str:
@@ -146,8 +126,8 @@ def build_pretraining_datasets(
         )
         if valid_blend is None:
             _check_splits_have_documents(blend[0], config.split_matrix, cfg.split)
-        builder = _DatasetBuilder(GPTDataset, list(num_samples), is_built_on_rank or (lambda: True),
-                                  config)
+        builder = DatasetBuilder(GPTDataset, list(num_samples), is_built_on_rank or (lambda: True),
+                                 config)
         for i, dataset in enumerate(builder.build()):
             if dataset is not None:
                 datasets[i] = dataset
