@@ -13,6 +13,10 @@ those global positions (the model passes the RoPE table rows [r S, (r + 1) S) as
 and V); with packed documents (this rank's ``PackedDocuments.shard``, Q and K rotated at
 in-document positions) it is causal inside each document, whose earlier part may live on
 earlier ranks (``parallel/context_parallel_documents.context_parallel_document_attention``).
+
+Decoding (``SelfAttentionFusedRope``: ``allocate_inference_cache``, ``forward(...,
+inference_cache=cache)`` as the prefill, ``step``): the layer's own projections and RoPE, a KV
+cache and ``transmamba_kernels.reference.attention.cached_attention`` for each new token.
 """
 
 from __future__ import annotations

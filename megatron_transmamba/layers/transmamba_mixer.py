@@ -26,6 +26,12 @@ passing resets at document starts and enters only a document that continues from
 shard, tokens at in-document positions j < p attend over their document's positions <= j,
 gathered from earlier shards where they live (``context_parallel_document_attention``, RoPE at
 in-document positions), the others take the SSM, and the norm gates by in-document position.
+
+Decoding (mamba_ssm's ``Mamba2`` API, at TP = CP = 1): ``allocate_inference_cache`` makes the
+layer's ``MixerCache``; ``forward(..., inference_cache=cache)`` is the prefill, one pass over the
+prompt that leaves the conv state and the prefix's keys / values / dt or the SSM state; ``step``
+takes one token. Both run ``transmamba_kernels.reference.mixer`` (the torch backend's math, the
+exported Hugging Face model's too) around this layer's in_proj and out_proj.
 """
 
 from __future__ import annotations

@@ -22,6 +22,10 @@ the same ``PackedDocuments`` and keeps attention, conv and SSM state inside each
 and RoPE positions restart at each document start. Under context parallelism the documents
 are built for the whole [B, R S] micro-batch and every layer gets this rank's
 ``PackedDocuments.shard``: documents cross shards and keep counting their positions.
+
+Decoding (one process): ``allocate_inference_cache`` (every layer's cache in a ``HybridCache``),
+``prefill`` (each layer once over the prompt, the training forward's logits) and ``step`` (one
+token per row); inference/generate.py samples with them.
 """
 
 from __future__ import annotations
