@@ -6,7 +6,9 @@ Paper eq. 7-9 (arXiv 2503.24067) with the dt factor eq. 9 leaves out (DESIGN sec
 
 with the un-rotated K = B and V = x of tokens [0, p). It has no parameters and is exact: it is
 the state the Mamba-2 recurrence S_t = exp(A dt_t) S_{t-1} + dt_t x_t B_t^T reaches after
-token p-1, so the SSM segment continues as if it had run from the start.
+token p-1, so the SSM segment continues as if it had run from the start. The torch backend's
+forward, decoding (at the step after token p-1) and the exported Hugging Face model call this
+function; the Triton backend fuses the same state into its SSD state passing.
 """
 
 from __future__ import annotations

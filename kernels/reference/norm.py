@@ -1,4 +1,5 @@
-"""RMSNorms of the model: the specifications of the fused kernels.
+"""RMSNorms of the model: the specifications of the fused kernels, and the one PyTorch form
+the model's torch path, decoding and the exported Hugging Face model run.
 
 TransMamba's output norm (DESIGN section 1, step 6): tokens t >= p (SSM) are gated first,
 o = RMSNorm_G(y * SiLU(z)) * w (Mamba-2's norm_before_gate=False); tokens t < p (attention,
