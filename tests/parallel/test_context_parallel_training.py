@@ -28,7 +28,7 @@ WORKER = Path(__file__).with_name("context_parallel_worker.py")
 LOSS_TOL = 1e-4
 
 pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="exercises the gloo/CPU path that megatron_adapter's CPU patches enable"
+    torch.cuda.is_available(), reason="runs the gloo/CPU path (megatron_adapter's CPU patches)"
 )
 
 

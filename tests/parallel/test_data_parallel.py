@@ -32,7 +32,7 @@ LAUNCH_TIMEOUT_S = 420   # the 2-core machine is shared; unloaded, a launch take
 LOSS_TOL = 1e-5
 
 pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="exercises the gloo/CPU path that megatron_adapter's CPU patches enable"
+    torch.cuda.is_available(), reason="runs the gloo/CPU path (megatron_adapter's CPU patches)"
 )
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 

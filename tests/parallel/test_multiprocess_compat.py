@@ -20,7 +20,7 @@ LAUNCH_TIMEOUT_S = 120
 TOLERANCE = 1e-4  # float32 against float64 (or float32) references, values of order 1-10
 
 pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="exercises the gloo/CPU path that megatron_adapter's CPU patches enable"
+    torch.cuda.is_available(), reason="runs the gloo/CPU path (megatron_adapter's CPU patches)"
 )
 
 

@@ -14,7 +14,7 @@ from test_tensor_parallel import torchrun
 WORKER = Path(__file__).with_name("packed_documents_worker.py")
 
 pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="exercises the gloo/CPU path that megatron_adapter's CPU patches enable")
+    torch.cuda.is_available(), reason="runs the gloo/CPU path (megatron_adapter's CPU patches)")
 
 
 def test_tensor_and_sequence_parallel_packed_documents_match_tp1(tmp_path):

@@ -23,7 +23,7 @@ from test_data_parallel import WORKER, losses, read_ranks, torchrun  # noqa: E40
 TOL = 1e-5
 
 pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="exercises the gloo/CPU path that megatron_adapter's CPU patches enable"
+    torch.cuda.is_available(), reason="runs the gloo/CPU path (megatron_adapter's CPU patches)"
 )
 
 

@@ -27,7 +27,7 @@ LOGITS_TOL = GRAD_TOL = LOSS_TOL = 1e-5
 TRAINED_TOL = 1e-3
 
 pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="exercises the gloo/CPU path that megatron_adapter's CPU patches enable"
+    torch.cuda.is_available(), reason="runs the gloo/CPU path (megatron_adapter's CPU patches)"
 )
 
 

@@ -31,7 +31,7 @@ TIED = {"share_embeddings_and_output_weights": True}
 TOL = 1e-5
 
 pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="exercises the gloo/CPU path that megatron_adapter's CPU patches enable"
+    torch.cuda.is_available(), reason="runs the gloo/CPU path (megatron_adapter's CPU patches)"
 )
 
 
