@@ -6,12 +6,15 @@ from megatron_transmamba import megatron_adapter
 
 def main() -> None:
     version = megatron_adapter.megatron_core_version()
-    unchecked = [p.name for p in megatron_adapter.inventory() if version not in p.versions]
+    patches = megatron_adapter.inventory()
+    unchecked = [p.name for p in patches if version not in p.versions]
     print(megatron_adapter.inventory_table())
     print()
-    print(f"megatron-core {version}: "
-          + (f"{len(unchecked)} patches not checked against it: {', '.join(unchecked)}"
-             if unchecked else f"every patch was checked against it ({len(megatron_adapter.inventory())})"))
+    if unchecked:
+        print(f"megatron-core {version}: {len(unchecked)} patches not checked against it: "
+              f"{', '.join(unchecked)}")
+    else:
+        print(f"megatron-core {version}: every patch was checked against it ({len(patches)})")
 
 
 if __name__ == "__main__":
