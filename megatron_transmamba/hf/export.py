@@ -228,11 +228,9 @@ def write_hf_folder(folder: str, full: dict, config: TransMambaConfig, run_confi
 def ensure_single_process_group() -> bool:
     """Initialise a one-process group (megatron's parallel state) when none is there; True if
     this call created it."""
-    from megatron.core import parallel_state
+    from megatron_transmamba.parallel.initialize import initialize_distributed, is_initialized
 
-    from megatron_transmamba.parallel.initialize import initialize_distributed
-
-    if parallel_state.model_parallel_is_initialized():
+    if is_initialized():
         return False
     initialize_distributed()
     return True

@@ -32,9 +32,6 @@ OBJECT_PACKAGES = ("optimizer", "distributed", "dist_checkpointing", "transforme
 # Found by the scan in files that other work owns at the time of writing; each entry names what
 # has to move, and test_known_exceptions_are_still_there fails once it has, so the entry goes.
 KNOWN_EXCEPTIONS = {
-    "megatron_transmamba/hf/export.py: reads megatron-core's parallel_state":
-        "ensure_single_process_group asks parallel_state whether megatron is initialised; "
-        "parallel.initialize can answer that instead",
     "megatron_transmamba/layers/attention.py: uses megatron-core's private "
     "_checkpointed_attention_forward":
         "SelfAttentionFusedRope calls Attention._checkpointed_attention_forward (selective "
