@@ -1,9 +1,11 @@
 """The sweep command line (``tools/scaling/sweep.py``): plan, launch, status, collect, fit, plot,
-or ``run`` for all of them.
+or ``run`` for all of them; ``study`` and ``report`` for a comparison of models at one size.
 
     python tools/scaling/sweep.py run examples/sweeps/tiny_cpu.yaml
     python tools/scaling/sweep.py launch examples/sweeps/gpu_scaling.yaml --mode slurm --submit
     python tools/scaling/sweep.py fit runs/sweeps/tiny_cpu --bootstrap 200
+    python tools/scaling/sweep.py study examples/sweeps/paper_study_cpu.yaml --only transformer,mamba2
+    python tools/scaling/sweep.py report runs/sweeps/paper_study_cpu
 
 SWEEP is a sweep file, or the output folder of a planned sweep (it holds a copy, sweep.yaml).
 ``launch`` and ``run`` pass ``--section.key=value`` arguments to every run they start, for that
@@ -19,7 +21,8 @@ from collections import Counter
 
 from megatron_transmamba.scaling import collect as collect_mod
 from megatron_transmamba.scaling import launch as launch_mod
-from megatron_transmamba.scaling.plan import PlannedRun, default_output_dir, plan_sweep
+from megatron_transmamba.scaling.plan import (PlannedRun, default_output_dir, expand, plan_sweep,
+                                              write_plan)
 from megatron_transmamba.scaling.run_folder import RunFolder, read_json, write_json_atomic
 from megatron_transmamba.scaling.sweep_file import LAUNCH_MODES, SweepSpec, load_sweep
 
@@ -74,7 +77,9 @@ def cmd_plan(args, spec: SweepSpec, out_dir: str) -> int:
 
 
 def cmd_launch(args, spec: SweepSpec, out_dir: str) -> int:
-    out_dir, runs = plan_sweep(spec, out_dir)
+    runs = expand(spec, out_dir)
+    launch_mod.check_only(runs, args.only)     # before anything is written
+    write_plan(spec, out_dir, runs)
     mode = args.mode or spec.launch.mode
     todo = launch_mod.select_runs(runs, args.only)
     if args.max_runs is not None:
@@ -93,7 +98,8 @@ def cmd_launch(args, spec: SweepSpec, out_dir: str) -> int:
         script = launch_mod.write_multinode_script(spec, out_dir, todo, args.overrides)
         print(f"wrote {script}\non every node: NODE_RANK=<rank> MASTER_ADDR=<node 0> bash {script}")
         return 0
-    statuses = launch_mod.launch_local(spec, todo, mode, args.overrides)
+    statuses = launch_mod.launch_local(spec, todo, mode, args.overrides,
+                                       time_budget_s=args.time_budget_s)
     counts = Counter(statuses.values())
     print(f"launched {len(statuses)}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
           if statuses else "nothing to train: every run is done")
@@ -162,8 +168,49 @@ def cmd_run(args, spec: SweepSpec, out_dir: str) -> int:
     return code
 
 
+def cmd_study(args, spec: SweepSpec, out_dir: str) -> int:
+    from megatron_transmamba.scaling.study import check_study
+
+    mode = args.mode or spec.launch.mode
+    if mode not in launch_mod.LOCAL_MODES:
+        raise ValueError(f"launch mode {mode!r}: study trains here ({', '.join(launch_mod.LOCAL_MODES)}); "
+                         "on a cluster use `launch`, then `report` once the runs finish")
+    runs = expand(spec, out_dir)               # checked before anything is written
+    notes = check_study(runs)
+    launch_mod.check_only(runs, args.only)
+    write_plan(spec, out_dir, runs)
+    for note in notes:
+        print(f"note: {note}")
+    todo = launch_mod.select_runs(runs, args.only)
+    if args.max_runs is not None:
+        todo = todo[:args.max_runs]
+    print(f"study {spec.name}: {len(runs)} runs ({_counts(runs)}); training {len(todo)} ({mode})")
+    statuses = launch_mod.launch_local(spec, todo, mode, args.overrides,
+                                       time_budget_s=args.time_budget_s)
+    counts = Counter(statuses.values())
+    if statuses:
+        print(f"trained {len(statuses)}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    cmd_report(args, spec, out_dir)
+    return 1 if counts.get(launch_mod.FAILED) else 0
+
+
+def cmd_report(args, spec: SweepSpec, out_dir: str) -> int:
+    from megatron_transmamba.scaling.study import write_report
+
+    runs = _planned(out_dir)
+    collect_mod.collect(out_dir, runs)
+    paths = write_report(spec, out_dir, runs)
+    with open(paths[0]) as f:                  # the table by model, for the log
+        text = f.read()
+    print(text[text.index("## By model"):text.index("## By run")].strip())
+    print(f"{_counts(runs)} of {len(runs)} runs; wrote " + ", ".join(os.path.relpath(p, out_dir)
+                                                                    for p in paths) + f" in {out_dir}")
+    return 0
+
+
 COMMANDS = {"plan": cmd_plan, "launch": cmd_launch, "status": cmd_status, "collect": cmd_collect,
-            "fit": cmd_fit, "plot": cmd_plot, "run": cmd_run}
+            "fit": cmd_fit, "plot": cmd_plot, "run": cmd_run, "study": cmd_study,
+            "report": cmd_report}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
              "status": "state of every run", "collect": "write results.csv",
              "fit": "collect, then fit each family's loss law and frontier (fit.json)",
              "plot": "PNG plots from results.csv and fit.json",
-             "run": "plan, launch, collect, fit and plot"}
+             "run": "plan, launch, collect, fit and plot",
+             "study": "compare models of one size: plan, train the unfinished runs, report",
+             "report": "a study's CSV, markdown table and loss curves from the finished runs"}
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("sweep", help="sweep file (YAML) or a planned sweep's output folder")
@@ -185,10 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "plan":
             p.add_argument("--peak-tflops", type=float, help="print device-hours at this peak")
             p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU (default 0.4)")
-        if name in ("launch", "run"):
+        if name in ("launch", "run", "study"):
             p.add_argument("--mode", choices=LAUNCH_MODES, help="override launch.mode")
-            p.add_argument("--only", help="only runs whose name matches this glob")
+            p.add_argument("--only", help="only runs whose name or family matches one of these "
+                                          "comma-separated globs (transformer,mamba2-*-s1)")
             p.add_argument("--max-runs", type=int, help="launch at most this many runs")
+            p.add_argument("--time-budget-s", type=float,
+                           help="local modes: start no run that would end past this many seconds, "
+                                "going by the longest run of this launch")
+        if name in ("launch", "run"):
             p.add_argument("--submit", action="store_true", help="slurm: sbatch the script")
         if name in ("fit", "run"):
             p.add_argument("--loss", default="valid_loss",
@@ -205,9 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     bad = [a for a in extra if not (a.startswith("--") and "." in a.split("=", 1)[0])]
-    if bad or (extra and args.command not in ("launch", "run")):
+    if bad or (extra and args.command not in ("launch", "run", "study")):
         parser.error(f"unrecognized arguments: {' '.join(bad or extra)} (run overrides are "
-                     "--section.key=value, for launch and run)")
+                     "--section.key=value, for launch, run and study)")
     args.overrides = extra
     try:
         spec, out_dir = _open(args.sweep, args.out)

@@ -31,8 +31,25 @@ LOCAL_MODES = ("inprocess", "subprocess", "torchrun")
 
 
 def select_runs(runs: list[PlannedRun], only: Optional[str] = None) -> list[PlannedRun]:
-    """Unfinished runs, in plan order, optionally those whose name matches the glob ``only``."""
-    return [r for r in runs if not r.folder.done and (only is None or fnmatch.fnmatch(r.name, only))]
+    """Unfinished runs, in plan order; with ``only`` (comma-separated globs), those whose name
+    or family matches one of them (``transformer,mamba2`` or ``transformer-*-s2``)."""
+    patterns = [p.strip() for p in only.split(",") if p.strip()] if only is not None else None
+    return [r for r in runs if not r.folder.done and (patterns is None or any(
+        fnmatch.fnmatch(r.name, p) or fnmatch.fnmatch(str(r.record.get("family", "")), p)
+        for p in patterns))]
+
+
+def check_only(runs: list[PlannedRun], only: Optional[str]) -> None:
+    """Raise ValueError naming each glob of ``only`` that matches no run name or family."""
+    if only is None:
+        return
+    names = [r.name for r in runs] + [str(r.record.get("family", "")) for r in runs]
+    missing = [p.strip() for p in only.split(",")
+               if not p.strip() or not fnmatch.filter(names, p.strip())]
+    if missing:
+        families = ", ".join(dict.fromkeys(str(r.record.get("family", "")) for r in runs))
+        raise ValueError(f"--only {only!r}: {', '.join(repr(m) for m in missing)} matches no run "
+                         f"or family (families: {families}; run names: `status`)")
 
 
 def worker_command(run_dir: str, overrides: list[str] = (), python: str = sys.executable) -> list[str]:
@@ -46,10 +63,14 @@ def torchrun_command(run_dir: str, nproc_per_node: int, overrides: list[str] = (
 
 
 def launch_local(spec: SweepSpec, runs: list[PlannedRun], mode: str, overrides: list[str] = (),
-                 max_runs: Optional[int] = None, log: Callable[[str], None] = print) -> dict[str, str]:
+                 max_runs: Optional[int] = None, log: Callable[[str], None] = print,
+                 time_budget_s: Optional[float] = None) -> dict[str, str]:
     """Train ``runs`` one after another; returns {run name: done / interrupted / failed}.
 
-    A failed run is reported (its error.txt and train.log say why) and the sweep goes on."""
+    A failed run is reported (its error.txt and train.log say why) and the sweep goes on. With
+    ``time_budget_s``, a run is not started when the time so far plus the longest run of this
+    launch would pass the budget (a machine that is lent for a fixed time: a run cut off there
+    would be lost); the runs left are reported and a later launch trains them."""
     if mode not in LOCAL_MODES:
         raise ValueError(f"launch mode {mode!r} is not local (expected one of {LOCAL_MODES})")
     world = spec.launch.world_size
@@ -60,8 +81,13 @@ def launch_local(spec: SweepSpec, runs: list[PlannedRun], mode: str, overrides: 
         raise ValueError("launch mode 'torchrun' is one node; use 'slurm' or 'multinode' for "
                          f"launch.nnodes={spec.launch.nnodes}")
     todo = runs[:max_runs] if max_runs is not None else runs
-    statuses = {}
+    statuses, launch_start, longest = {}, time.time(), 0.0
     for i, run in enumerate(todo, 1):
+        if time_budget_s is not None and time.time() - launch_start + longest > time_budget_s:
+            left = [r.name for r in todo[i - 1:]]
+            log(f"time budget: {time.time() - launch_start:.0f} s of {time_budget_s:.0f} s used and "
+                f"the longest run took {longest:.0f} s; not starting {len(left)}: {', '.join(left)}")
+            break
         segments = run.folder.segments()
         resume = f" (resuming after step {segments[-1]['end_step']})" if segments else ""
         log(f"[{i}/{len(todo)}] {run.name}: training{resume}")
@@ -80,6 +106,7 @@ def launch_local(spec: SweepSpec, runs: list[PlannedRun], mode: str, overrides: 
             detail = f", validation loss {run.folder.result()['valid_loss']:.4f}"
         elif status == FAILED:
             detail = f", see {run.folder.error_path if os.path.exists(run.folder.error_path) else run.folder.log_path}"
+        longest = max(longest, time.time() - start)
         log(f"[{i}/{len(todo)}] {run.name}: {status} in {time.time() - start:.1f} s{detail}")
     return statuses
 

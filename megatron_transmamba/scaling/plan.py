@@ -159,7 +159,7 @@ def expand(spec: SweepSpec, out_dir: str) -> list[PlannedRun]:
                         f"{where}, budget {kind}={budget:g}: {iters} optimizer steps of {tokens_per_step} "
                         f"tokens < schedule.min_train_iters={spec.schedule.min_train_iters}; raise the "
                         "budget or lower the batch")
-                for seed in spec.seeds:
+                for seed in family.seeds or spec.seeds:
                     name = f"{family.name}-{spec.size.knob[0]}{value}-{budget_label(kind, budget)}-s{seed}"
                     if name in names:
                         raise ValueError(f"run {name} appears twice (repeated budget or seed values?)")
@@ -172,7 +172,8 @@ def expand(spec: SweepSpec, out_dir: str) -> list[PlannedRun]:
                         "budget_kind": kind, "budget": budget, "seed": seed,
                         "layer_pattern": pattern, "depth": depth, "num_layers": len(pattern),
                         "hidden_size": shape["hidden_size"], "ffn_hidden_size": shape["ffn_hidden_size"],
-                        "heads": shape["mamba_num_heads"], "transpoints": list(model_config.transpoints),
+                        "heads": shape["mamba_num_heads"], "transpoint_schedule": schedule,
+                        "transpoints": list(model_config.transpoints),
                         "seq_length": model_config.seq_length, "vocab_size": vocab,
                         "params": params,
                         "non_embedding_params": flops.non_embedding_parameters(model_config, vocab),

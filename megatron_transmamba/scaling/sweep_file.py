@@ -6,7 +6,7 @@ A sweep file is YAML with these sections (docs/scaling.md has the full reference
     families:                      # one model family = layer pattern + TransPoint schedule
       - {name: transmamba, pattern_unit: "T-", transpoint_schedule: cyclic,
          transpoint_values: [0, 16, 32, 64]}
-      - {name: transformer, pattern_unit: "*-"}
+      - {name: transformer, pattern_unit: "*-", seeds: [1, 2]}   # its own seeds
     size: {knob: width, values: [32, 48, 64], depth: 2, head_dim: 16, ffn_ratio: 2.0}
     budget: {tokens: [8192, 16384]}            # or flops: [...] or tokens_per_parameter: [...]
     seeds: [1]
@@ -48,6 +48,9 @@ class FamilySpec:
     transpoint_values: Optional[list] = None
     overrides: dict = field(default_factory=dict)
     """Run-config sections merged over ``base`` for this family (e.g. its own learning rate)."""
+    seeds: Optional[list] = None
+    """This family's seeds (default: the sweep's ``seeds``), e.g. more seeds for the models a
+    comparison hinges on."""
 
 
 @dataclass
@@ -231,6 +234,8 @@ def _validate(spec: SweepSpec) -> None:
                              "symbols and at least one mixer")
         if not isinstance(fam.overrides, dict):
             raise ValueError(f"{where}.overrides: expected run-config sections, got {fam.overrides!r}")
+        if fam.seeds is not None:
+            _check_seeds(f"{where}.seeds", fam.seeds)
     if len(set(names)) != len(names):
         raise ValueError(f"families: names must be unique, got {names}")
 
@@ -264,8 +269,7 @@ def _validate(spec: SweepSpec) -> None:
         raise ValueError(f"budget.{kind}: needs a list of positive numbers")
     setattr(spec.budget, kind, [_number(f"budget.{kind}", v) for v in values])
 
-    if not spec.seeds or any(isinstance(v, bool) or not isinstance(v, int) for v in spec.seeds):
-        raise ValueError(f"seeds={spec.seeds!r}: needs a list of integers")
+    _check_seeds("seeds", spec.seeds)
     if not isinstance(spec.base, dict):
         raise ValueError(f"base: expected a run config (a mapping of sections), got {spec.base!r}")
     w = spec.schedule.warmup_fraction
@@ -281,6 +285,14 @@ def _validate(spec: SweepSpec) -> None:
         raise ValueError(f"launch.mode={la.mode!r}: expected one of {LAUNCH_MODES}")
     if la.nproc_per_node < 1 or la.nnodes < 1:
         raise ValueError("launch.nproc_per_node and launch.nnodes must be >= 1")
+
+
+def _check_seeds(where: str, seeds) -> None:
+    if not isinstance(seeds, list) or not seeds or any(
+            isinstance(v, bool) or not isinstance(v, int) for v in seeds):
+        raise ValueError(f"{where}={seeds!r}: needs a list of integers")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"{where}={seeds!r}: seeds must be unique")
 
 
 def _is_name(text: str) -> bool:

@@ -5,8 +5,8 @@
 
 A finished run (``result.json`` present) exits at once, so re-submitting a whole sweep only
 trains what is left. Otherwise the run config resumes from the newest checkpoint in the run's
-folder. Each training process that ends normally appends a segment (steps, seconds, losses) to
-``segments.jsonl``; when the segments reach ``train_iters``, rank 0 writes ``result.json``
+folder. Each training process that ends normally appends a segment (steps, seconds, losses, and
+the training seconds at each validation) to ``segments.jsonl``; when the segments reach ``train_iters``, rank 0 writes ``result.json``
 atomically. Overrides after the folder apply to this launch only (e.g. ``--training.exit_at_step=50``
 to stop early, as a preemption would); they are not written to ``config.yaml``.
 """
@@ -64,6 +64,10 @@ def train_run(run_dir: str, overrides: list[str] = ()) -> str:
         steps = sorted(result.train_losses)
         end_step = steps[-1] if steps else _latest_checkpoint_step(cfg.checkpoint.save)
         tail = steps[-TRAIN_LOSS_TAIL:]
+        elapsed, cumulative = 0.0, {}
+        for step in sorted(result.step_seconds):
+            elapsed += result.step_seconds[step]
+            cumulative[step] = elapsed
         folder.append_segment({
             "started_at": started_at, "start_step": steps[0] - 1 if steps else end_step,
             "end_step": end_step, "steps": len(steps), "seconds": result.seconds,
@@ -71,6 +75,9 @@ def train_run(run_dir: str, overrides: list[str] = ()) -> str:
             "tokens_per_step": result.tokens_per_step, "num_parameters": result.num_parameters,
             "train_losses": {str(s): result.train_losses[s] for s in tail},
             "valid_losses": {str(s): v for s, v in result.valid_losses.items()},
+            # training seconds of this segment (optimizer steps, not evaluation or start-up)
+            # up to each validation: the time axis of a loss curve
+            "valid_train_seconds": {str(s): cumulative.get(s, 0.0) for s in result.valid_losses},
         })
         return finalize(folder, cfg.training.train_iters)
     except BaseException:
