@@ -35,6 +35,7 @@ from megatron.core.utils import get_pg_size
 from torch import Tensor
 
 from megatron_transmamba.layers.packed_documents import PackedDocuments, document_attention
+from megatron_transmamba.megatron_adapter.attention import checkpointed_core_attention
 from transmamba_kernels.reference.attention import cached_attention
 from transmamba_kernels.reference.cache import AttentionCache, allocate_attention_cache
 from transmamba_kernels.reference.rope import rope_angles
@@ -204,9 +205,8 @@ class SelfAttentionFusedRope(SelfAttention):
         query, key, value = self.get_query_key_value_tensors(hidden_states)   # [S, B, heads, d]
         query, key = self.fused_rope(query, key, rotary_pos_emb, seq_first=True)
         if self.checkpoint_core_attention and self.training:
-            out = self._checkpointed_attention_forward(
-                query, key, value, attention_mask, attn_mask_type=self.attn_mask_type,
-                packed_seq_params=packed_seq_params)
+            out = checkpointed_core_attention(self, query, key, value, attention_mask,
+                                              self.attn_mask_type, packed_seq_params)
         else:
             out = self.core_attention(query, key, value, attention_mask,
                                       attn_mask_type=self.attn_mask_type,

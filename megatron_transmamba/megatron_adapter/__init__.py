@@ -21,7 +21,8 @@ whether it is CPU-only and the megatron-core releases it was checked against:
 - ``inventory_table()`` / ``python -m megatron_transmamba.megatron_adapter`` list them.
 
 Subclasses that re-implement megatron-core methods (the dataset builder, ``LanguageModule``)
-live here too and are listed as ``Override`` entries: megatron-core itself is not changed.
+and calls of private megatron-core methods live here too, listed as ``Override`` and
+``PrivateCall`` entries: megatron-core itself is not changed by them.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from megatron_transmamba.megatron_adapter.checkpointing import CHECKPOINT_PATCHE
 from megatron_transmamba.megatron_adapter.compile import COMPILE_PATCHES
 from megatron_transmamba.megatron_adapter.cpu import CPU_PATCHES
 from megatron_transmamba.megatron_adapter.optimizer import OPTIMIZER_PATCHES
-from megatron_transmamba.megatron_adapter.patching import CHECKED_VERSIONS, Override, Patch
+from megatron_transmamba.megatron_adapter.patching import (CHECKED_VERSIONS, Override, Patch,
+                                                           PrivateCall)
 
 UNCHECKED_ENV = "MEGATRON_TRANSMAMBA_UNCHECKED_MEGATRON_CORE"
 _LANGUAGE_MODULE = ("megatron.core.models.common.language_module.language_module:"
@@ -66,6 +68,13 @@ OVERRIDES: Tuple[Patch, ...] = (
         subclass=f"{_ADAPTER}.language_module:LanguageModuleOnAnyDevice",
         reason="reads the stage from the parallel state and moves the tied weight to CUDA "
                "(gloo on CPU cannot); ours reads pre_process / post_process, keeps the device",
+    ),
+    PrivateCall(
+        name="selective_recompute_core_attention",
+        method="megatron.core.transformer.attention:Attention._checkpointed_attention_forward",
+        caller=f"{_ADAPTER}.attention:checkpointed_core_attention",
+        reason="training.recompute='selective' (core_attn) of our fused-RoPE SelfAttention "
+               "reuses megatron-core's private checkpointed core attention",
     ),
 )
 

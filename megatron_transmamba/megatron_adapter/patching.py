@@ -346,3 +346,30 @@ class Override(Patch):
     def snapshot(self) -> tuple:
         owner, name = resolve(self.method)
         return (_own(owner, name),)
+
+
+@dataclass(frozen=True)
+class PrivateCall(Patch):
+    """A private megatron-core method that the adapter's function ``caller`` calls (target: the
+    method). Nothing of megatron-core changes; it is listed, and version-checked, because a
+    private method may change or go in any release."""
+
+    method: str = ""
+    caller: str = ""
+
+    @property
+    def targets(self) -> Tuple[str, ...]:
+        return (f"{self.method} (called by {self.caller})",)
+
+    def apply(self):
+        owner, name = resolve(self.method)
+        if _own(owner, name) is _MISSING:
+            raise RuntimeError(f"megatron_adapter {self.name}: {self.method} does not exist")
+        return True
+
+    def remove(self, record) -> None:
+        return None
+
+    def snapshot(self) -> tuple:
+        owner, name = resolve(self.method)
+        return (_own(owner, name),)

@@ -29,14 +29,6 @@ MEGATRON_CORE = Path(megatron.core.__file__).parent
 # checkpoints, schedules): their method names are the ones an object must not have replaced.
 OBJECT_PACKAGES = ("optimizer", "distributed", "dist_checkpointing", "transformer",
                    "tensor_parallel", "models/common", "pipeline_parallel")
-# Found by the scan in files that other work owns at the time of writing; each entry names what
-# has to move, and test_known_exceptions_are_still_there fails once it has, so the entry goes.
-KNOWN_EXCEPTIONS = {
-    "megatron_transmamba/layers/attention.py: uses megatron-core's private "
-    "_checkpointed_attention_forward":
-        "SelfAttentionFusedRope calls Attention._checkpointed_attention_forward (selective "
-        "recomputation of core attention); an adapter function should wrap it",
-}
 
 
 def _private(name: str) -> bool:
@@ -184,14 +176,10 @@ def _violations(file: Path, source: str | None = None) -> list[str]:
     return [f"{text} (line {line})" for line, text in sorted(found)]
 
 
-def _unexplained(violation: str) -> bool:
-    return violation.rpartition(" (line ")[0] not in KNOWN_EXCEPTIONS
-
-
 def test_only_the_adapter_reaches_into_megatron_core():
     files = _package_files()
     assert INITIALIZATION in files and len(files) > 30
-    violations = [v for file in files for v in _violations(file) if _unexplained(v)]
+    violations = [v for file in files for v in _violations(file)]
     assert not violations, (
         "megatron-core internals outside megatron_transmamba/megatron_adapter/ (move the code "
         "there as a declared patch or override, use megatron-core's public API, or pass the "
@@ -235,8 +223,3 @@ def patch(optimizer, model):
                      "overrides megatron-core's private LanguageModule._set_attention_backend"):
         assert expected in found, f"{expected!r} not in:\n{found}"
 
-
-def test_known_exceptions_are_still_there():
-    found = {v.rpartition(" (line ")[0] for file in _package_files() for v in _violations(file)}
-    gone = sorted(set(KNOWN_EXCEPTIONS) - found)
-    assert not gone, f"fixed, remove from KNOWN_EXCEPTIONS: {gone}"
