@@ -11,8 +11,9 @@ Kinds: ``Replace`` (a module or class attribute replaced, optionally by a wrappe
 original), ``CudaNames`` (inside one module, ``torch.cuda.<name>`` answered by a CPU stand-in),
 ``Constants`` (string constants of one function's code rewritten), ``LogFilter`` (one message
 of one megatron logger dropped), ``Polyfill`` (a function replaced inside Dynamo-compiled code
-only) and ``Override`` (a subclass in the adapter that re-implements a megatron-core method:
-nothing of megatron-core changes, it is listed so that an upgrade reviews it).
+only), ``Override`` (a subclass in the adapter that re-implements a megatron-core method) and
+``PrivateCall`` (an adapter function that calls a private megatron-core method). The last two
+change nothing of megatron-core; they are listed so that an upgrade reviews them.
 """
 
 from __future__ import annotations
