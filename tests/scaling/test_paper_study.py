@@ -78,9 +78,14 @@ def _done_state(out):
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("paper_study")
-    corpus = _fake_corpus(root)
+    return root, _fake_corpus(root)
+
+
+@pytest.fixture(scope="module")
+def study(corpus):
+    root, corpus = corpus
     sweep = _study_file(root, corpus)
     out = str(root / "out")
     stages = {"corpus": corpus, "sweep": sweep, "root": root}
@@ -203,11 +208,10 @@ def test_bad_selection_or_sparse_evaluation_is_one_line_before_writing(study, tm
     assert not out.exists()
 
 
-def test_time_budget_starts_no_run_that_would_not_fit(study, tmp_path, monkeypatch):
+def test_time_budget_starts_no_run_that_would_not_fit(tmp_path, monkeypatch):
     from megatron_transmamba.scaling import launch
 
-    _, stages = study
-    spec = load_sweep(stages["sweep"])
+    spec = load_sweep(CPU)
     runs = [PlannedRun(f"r{i}", RunFolder(str(tmp_path / f"r{i}")), {}, {"family": "x"})
             for i in range(3)]
     trained = []
@@ -258,18 +262,17 @@ def test_family_seeds_are_checked():
         build_sweep(raw)
 
 
-def test_the_gpu_study_plans_as_sized(study, tmp_path):
-    _, stages = study
+def test_the_gpu_study_plans_as_sized(corpus, tmp_path):
     with open(GPU) as f:
         raw = yaml.safe_load(f)
-    splits = stages["corpus"]["splits"]           # any corpus: the plan only checks the files
+    splits = corpus[1]["splits"]                  # any corpus: the plan only checks the files
     raw["base"]["data"].update(data_path=[splits["train"]["prefix"]],
                                valid_data_path=[splits["valid"]["prefix"]])
     runs = expand(build_sweep(raw), str(tmp_path / "gpu"))
     records = {r.name: r.record for r in runs}
     assert len(runs) == 8
-    assert {r["tokens"] for r in records.values()} == {78_643_200}
-    assert {r["train_iters"] for r in records.values()} == {1200}
+    assert {r["tokens"] for r in records.values()} == {58_982_400}
+    assert {r["train_iters"] for r in records.values()} == {900}
     assert {r["num_layers"] for r in records.values()} == {24}
     by_model = {r["family"]: r for r in records.values()}
     with open(os.path.join(REPO, "examples", "configs", "hybrid_400m.yaml")) as f:
@@ -286,7 +289,7 @@ def test_the_gpu_study_plans_as_sized(study, tmp_path):
     training = runs[0].config["training"]
     assert training["cuda_graphs"] and training["precision"] == "bf16"
     assert runs[0].config["model"]["mixer_backend"] == "triton"
-    assert 1200 % (4 * training["eval_interval"]) == 0          # 1/4 and 1/2 are logged steps
+    assert 900 % (4 * training["eval_interval"]) == 0          # 1/4 and 1/2 are logged steps
     assert any("transmamba_fixed and transmamba_v1" in n for n in check_study(runs))
 
     # the GPU script's three chunks train every run once
