@@ -66,9 +66,9 @@ if [ -f "$previous" ]; then
 fi
 mkdir -p "$study"
 
-pack() {   # the study and its report into $OUT (written aside, then moved: never half a file)
-  tar -czf "$out/.paper_study.tar.gz" -C /tmp --exclude=checkpoints --exclude=data_cache \
-    paper_study && mv "$out/.paper_study.tar.gz" "$out/paper_study.tar.gz"
+pack() {   # the study and its report into $OUT (written in /tmp, then moved: no 9th file in $OUT)
+  tar -czf /tmp/paper_study_pack.tar.gz -C /tmp --exclude=checkpoints --exclude=data_cache \
+    paper_study && mv /tmp/paper_study_pack.tar.gz "$out/paper_study.tar.gz"
   for f in study.md study.csv curves.csv plots/valid_loss_vs_tokens.png plots/valid_loss_vs_time.png; do
     [ -f "$study/$f" ] && cp "$study/$f" "$out/"
   done
