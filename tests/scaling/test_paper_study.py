@@ -290,7 +290,8 @@ def test_the_gpu_study_plans_as_sized(corpus, tmp_path):
     assert training["cuda_graphs"] and training["precision"] == "bf16"
     assert runs[0].config["model"]["mixer_backend"] == "triton"
     assert 900 % (4 * training["eval_interval"]) == 0          # 1/4 and 1/2 are logged steps
-    assert any("transmamba_fixed and transmamba_v1" in n for n in check_study(runs))
+    assert by_model["transmamba_v2"]["transpoints"] == [1024] * 12
+    assert not any("the same model" in n for n in check_study(runs))      # V1 = fixed T/4: once
 
     # the GPU script's three chunks train every run once
     script = open(os.path.join(REPO, "tools", "bench", "paper_study_gpu.sh")).read()

@@ -4,7 +4,7 @@
 #
 #   bash tools/bench/paper_study_gpu.sh 1        # transformer s1, transmamba_v9 s1, mamba2 s1
 #   bash tools/bench/paper_study_gpu.sh 2        # transformer s2, hybrid s1, transmamba_fixed s1
-#   bash tools/bench/paper_study_gpu.sh 3        # transmamba_v9 s2, transmamba_v1 s1
+#   bash tools/bench/paper_study_gpu.sh 3        # transmamba_v9 s2, transmamba_v2 s1
 #   bash tools/bench/paper_study_gpu.sh report   # only the report, from what the study holds
 #
 # Each call builds the code corpus from this machine's site-packages into runs/code_corpus
@@ -38,7 +38,7 @@ chunk="${1:-}"
 case "$chunk" in        # longest run first: it sets the estimate for the time budget
   1) runs=("transformer-*-s1" "transmamba_v9-*-s1" "mamba2") ;;
   2) runs=("transformer-*-s2" "hybrid" "transmamba_fixed") ;;
-  3) runs=("transmamba_v9-*-s2" "transmamba_v1") ;;
+  3) runs=("transmamba_v9-*-s2" "transmamba_v2") ;;
   report) runs=() ;;
   *) echo "usage: paper_study_gpu.sh 1|2|3|report" >&2; exit 2 ;;
 esac
