@@ -28,3 +28,8 @@ class FusedSwiGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.swiglu(x)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata=None) -> dict:
+        """No parameters: megatron-core's MLP asks every submodule for its checkpoint state."""
+        return {}
