@@ -6,4 +6,4 @@ cd "$root"
 bash tools/setup_env.sh
 py="${MTM_VENV:-$root/.venv}/bin/python"
 [ "${MTM_SKIP_SETUP:-0}" = "1" ] && py=python
-exec "$py" -m pytest tests -q "$@"
+exec "$py" -m pytest tests -q --durations=25 "$@"
