@@ -65,8 +65,8 @@ DP2_LAYOUT = {"world_size": 2, "tensor_model_parallel_size": 1, "pipeline_model_
               "data_parallel_size": 2, "context_parallel_size": 1, "num_microbatches": 2,
               "optimizer": ["DistributedOptimizer"], "overlap_grad_reduce": True,
               "virtual_pipeline_model_parallel_size": None, "recompute": "none",
-              "compile": False, "cuda_graphs": False,
-              "stage_layers": [[0, 10]],
+              "compile": False, "cuda_graphs": False, "sequence_parallel": False,
+              "use_distributed_optimizer": True, "stage_layers": [[0, 10]],
               "rank_layers": [list(range(10))], "layer_numbers": [list(range(1, 11))]}
 
 

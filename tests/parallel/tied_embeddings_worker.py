@@ -25,7 +25,7 @@ TIED = {"share_embeddings_and_output_weights": True}
 
 def main() -> None:
     from megatron_transmamba.models.language_model import TransMambaLanguageModel
-    from megatron_transmamba.training import pretrain as trainer
+    from megatron_transmamba.training import pretrain, trainer
 
     built = []
 
@@ -53,7 +53,7 @@ def main() -> None:
     results = {}
     for name, cfg in configs.items():
         built.clear()
-        result = trainer.pretrain(cfg)
+        result = pretrain.pretrain(cfg)
         chunks = []
         weights = {}
         for index, chunk in enumerate(built):
