@@ -10,11 +10,13 @@ from megatron_transmamba.training.config import build_run_config
 from megatron_transmamba.training.graphs import check_cuda_graphs
 from megatron_transmamba.training.pretrain import build_model_config, check_run_config, pretrain
 
-# every layer kind; T = 64 with the TransPoint inside the sequence and not on a chunk boundary
+# every layer kind; T = 32 (two chunks) with the TransPoint inside the sequence and not on a
+# chunk boundary; G < H. Small T: the Triton interpreter's time grows with the chunks.
+T, TRANSPOINT = 32, 20
 TINY_MODEL = dict(layer_pattern="T-M-*-", hidden_size=64, ffn_hidden_size=128,
                   num_attention_heads=4, mamba_num_heads=4, mamba_num_groups=2, mamba_head_dim=16,
-                  mamba_state_dim=16, seq_length=64, transpoint_schedule="fixed",
-                  transpoint_values=[24], ssd_chunk_size=16)
+                  mamba_state_dim=16, seq_length=T, transpoint_schedule="fixed",
+                  transpoint_values=[TRANSPOINT], ssd_chunk_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +122,11 @@ def test_graph_capture_wiring_keeps_the_models_math(monkeypatch, residual_stream
 
     model_fields = {k: v for k, v in TINY_MODEL.items() if k != "transpoint_values"}
     model_fields["layer_pattern"] = "TM*-"                     # each layer kind once
-    cfg = TransMambaConfig(**model_fields, transpoint_values=[24], use_cpu_initialization=True,
-                           mixer_backend="triton" if residual_stream else "torch")
+    cfg = TransMambaConfig(**model_fields, transpoint_values=[TRANSPOINT],
+                           use_cpu_initialization=True, mixer_backend="triton" if residual_stream else "torch")
     model = TransMambaLanguageModel(cfg, vocab_size=64, init_seed=3)
     assert model.residual_stream is residual_stream
-    ids = torch.randint(0, 64, (1, 64), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 64, (1, T), generator=torch.Generator().manual_seed(0))
 
     def loss_and_grads():
         model.zero_grad()
