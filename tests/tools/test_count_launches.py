@@ -45,10 +45,18 @@ def test_counter_counts_kernels_not_views_and_sees_host_syncs():
     assert sum(counter.counts.host_syncs.values()) == 1
 
 
-def test_lean_step_budgets():
-    """Every layer kind, TransPoints 0 < p < T and at the ends, and the optimizer."""
+@pytest.fixture(scope="module")
+def lean_step() -> dict:
+    """The counts of one lean step with every layer kind and TransPoints 0 < p < T and at the
+    ends, shared by the tests below (under the Triton interpreter one count takes minutes)."""
     counts = count_training_step(config("T-T-T-M-*-", [0, 64, 256]))    # T = 256, shrunk to 64
     print({k: v for k, v in counts.items() if k not in ("layers", "ops", "sync_ops")})
+    return counts
+
+
+def test_lean_step_budgets(lean_step):
+    """Every layer kind, TransPoints 0 < p < T and at the ends, and the optimizer."""
+    counts = lean_step
     for symbol, budget in BUDGETS.items():
         assert counts[symbol]["forward"] + counts[symbol]["backward"] <= budget, (symbol, counts[symbol])
     inside = [r for r in counts["layers"] if r["inside"]]
@@ -66,9 +74,9 @@ def test_lean_step_budgets():
         assert step == [alone[0], alone[1] + (layers[0]["symbol"] == symbol)], symbol
 
 
-def test_optimizer_launches_do_not_grow_with_the_parameters():
-    small = count_training_step(config("*-"))
-    large = count_training_step(config("*-*-*-*-"))
+def test_optimizer_launches_do_not_grow_with_the_parameters(lean_step):
+    small = count_training_step(config("-"))            # one MLP layer
+    large = lean_step                                   # ten layers of every kind
     assert small["optimizer"] == large["optimizer"] <= 24
     # DDP's accumulation into main_grad is one add per parameter (counted apart)
     assert large["grad_accumulation"] > small["grad_accumulation"]
