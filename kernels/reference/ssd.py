@@ -127,7 +127,7 @@ def _check_initial_states(initial_states, dims, num_docs, packed):
         raise _shape_error("initial_states", f"[{rows}, H, P, N] = {list(expected)}", initial_states)
 
 
-def _compute_dtype(*tensors):
+def scan_dtype(*tensors):
     """float64 when any input is float64, float32 otherwise (bf16/fp16 are upcast)."""
     dtype = torch.float32
     for tensor in tensors:
@@ -250,7 +250,7 @@ def ssd_step_naive(state, x, dt, A, B, C, D=None, z=None):
         raise ValueError(f"ssd_step_naive: state {tuple(state.shape)} and x {tuple(x.shape)} must "
                          "be [B, H, P, N] and [B, H, P]")
     heads = x.shape[1]
-    dtype = _compute_dtype(state, x, dt, A, B, C, D, z)
+    dtype = scan_dtype(state, x, dt, A, B, C, D, z)
     acc = [None if t is None else t.to(dtype) for t in (state, x, dt, A, B, C, D, z)]
     s, x_, dt, A, B, C, D, z = acc
     per_head = heads // B.shape[1]
@@ -304,7 +304,7 @@ def ssd_recurrent_naive(
     docs = _documents(dims, seq_idx, cu_seqlens)
     _check_initial_states(initial_states, dims, len(docs), packed)
     out_dtype = x.dtype
-    dtype = _compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    dtype = scan_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
     x, dt, A, B, C, D, z, dt_bias, initial_states = (
         None if t is None else t.to(dtype) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states)
     )
@@ -377,7 +377,7 @@ def chunk_ssd_naive(
     docs = _documents(dims, seq_idx, cu_seqlens)
     _check_initial_states(initial_states, dims, len(docs), packed)
     out_dtype = x.dtype
-    dtype = _compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    dtype = scan_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
     x, dt, A, B, C, D, z, dt_bias, initial_states = (
         None if t is None else t.to(dtype) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states)
     )

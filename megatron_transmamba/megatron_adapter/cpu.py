@@ -6,7 +6,7 @@ tensor-parallel RNG states with ``torch.cuda.get_rng_state``, creates tensors wi
 literal ``device="cuda"`` and checks ``param.type() == "torch.cuda.FloatTensor"``. On a
 machine without CUDA each of these raises. ``CPU_PATCHES`` changes exactly those sites; they
 are applied only when CUDA is absent (``cpu_only``), so GPU runs use these functions
-untouched. ``tests/megatron_adapter/test_cuda_tripwire.py`` counts the CUDA calls in every
+untouched. ``tests/megatron_adapter/test_cpu_patches.py`` counts the CUDA calls in every
 megatron-core file on our path and fails when a new one appears, so the table is reviewed on
 every upgrade.
 """

@@ -21,7 +21,7 @@ import torch
 
 from transmamba_kernels.ssd import chunk_ssd_naive
 # float32, or float64 when any input is float64: the SSD references' precision
-from transmamba_kernels.reference.ssd import _compute_dtype
+from transmamba_kernels.reference.ssd import scan_dtype
 
 __all__ = ["shard_summary", "compose_initial_states", "sharded_ssd_reference"]
 
@@ -47,7 +47,7 @@ def shard_summary(dt, A, final_state):
         raise ValueError(
             f"final_state must be [B, H, P, N] = [{batch}, {heads}, P, N], got {tuple(final_state.shape)}"
         )
-    dtype = _compute_dtype(dt, A, final_state)
+    dtype = scan_dtype(dt, A, final_state)
     log_decay = (dt.to(dtype) * A.to(dtype)).sum(dim=1)  # [B, H]
     return log_decay, final_state.to(dtype)
 
@@ -77,7 +77,7 @@ def compose_initial_states(log_decays, final_states, initial_state=None):
             f"initial_state must be [B, H, P, N] = {list(final_states.shape[1:])}, "
             f"got {tuple(initial_state.shape)}"
         )
-    dtype = _compute_dtype(log_decays, final_states, initial_state)
+    dtype = scan_dtype(log_decays, final_states, initial_state)
     log_decays, final_states = log_decays.to(dtype), final_states.to(dtype)
     shards = log_decays.shape[0]
     index = torch.arange(shards, device=log_decays.device)

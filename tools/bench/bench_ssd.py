@@ -38,6 +38,7 @@ import torch
 from megatron_transmamba.layers.mixer_core import (grouped_attention, prefix_attention,
                                                    transmamba_core_triton)
 from transmamba_kernels.ssd import chunk as chunk_module
+from transmamba_kernels.reference import ssd as reference_ssd
 from transmamba_kernels.ssd import naive
 from transmamba_kernels.ssd.chunk import chunk_ssd_triton
 
@@ -54,12 +55,12 @@ def make(batch, T, H, G, P, N, dtype, device, seed=0):
 @contextmanager
 def naive_in(dtype):
     """Run the PyTorch reference's arithmetic in ``dtype`` (PyTorch's own low-precision error)."""
-    real = naive._compute_dtype
-    naive._compute_dtype = lambda *tensors: dtype
+    real = reference_ssd.scan_dtype
+    reference_ssd.scan_dtype = lambda *tensors: dtype
     try:
         yield
     finally:
-        naive._compute_dtype = real
+        reference_ssd.scan_dtype = real
 
 
 def rel(ref, out):
