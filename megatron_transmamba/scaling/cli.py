@@ -84,6 +84,10 @@ def cmd_launch(args, spec: SweepSpec, out_dir: str) -> int:
     todo = launch_mod.select_runs(runs, args.only)
     if args.max_runs is not None:
         todo = todo[:args.max_runs]
+    if args.time_budget_s is not None and mode in ("slurm", "multinode"):
+        print(f"error: --time-budget-s applies to local launches; launch.mode={mode!r} writes "
+              "a script whose runs the scheduler times", file=sys.stderr)
+        return 2
     print(f"sweep {spec.name}: {len(runs)} runs ({_counts(runs)}); launching {len(todo)} ({mode})")
     if mode == "slurm":
         if not todo:

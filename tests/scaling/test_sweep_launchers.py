@@ -108,3 +108,16 @@ def test_local_modes_refuse_a_multi_process_plan(tmp_path):
     spec = gpu_sweep(nnodes=2)
     with pytest.raises(ValueError, match="one node"):
         launch_local(spec, [], "torchrun")
+
+
+def test_time_budget_is_refused_for_launchers_that_write_scripts(tmp_path, capsys):
+    """--time-budget-s guards local launches; for slurm / multinode it would be ignored, so it is
+    an error naming the option."""
+    from megatron_transmamba.scaling.cli import main
+
+    for mode in ("slurm", "multinode"):
+        code = main(["launch", GPU, "--out", str(tmp_path / mode), "--mode", mode,
+                     "--time-budget-s", "60"])
+        assert code == 2
+        assert "--time-budget-s applies to local launches" in capsys.readouterr().err
+        assert not os.path.exists(tmp_path / mode / mode)       # no script written
