@@ -1,4 +1,5 @@
-"""Shared pytest setup: makes ``tests/helpers.py`` importable and seeds every test."""
+"""Shared pytest setup: makes ``tests/helpers.py`` importable, seeds every test and holds the
+session's torchrun launches (``torchrun_jobs``)."""
 import os
 import pathlib
 import sys
@@ -30,3 +31,18 @@ def megatron_single_process():
     info = initialize_distributed(seed=1234)
     yield info
     destroy_distributed()
+
+
+@pytest.fixture(scope="session")
+def torchrun_jobs(request, tmp_path_factory):
+    """``torchrun_jobs(job)``: the output folder and stdout of a worker run registered with
+    ``torchrun_batch.job``; the registered jobs of one process count run in one launch
+    (tests/parallel/torchrun_batch.py)."""
+    parallel = str(pathlib.Path(_TESTS) / "parallel")
+    if parallel not in sys.path:
+        sys.path.insert(0, parallel)
+    import torchrun_batch
+
+    modules = {item.module.__name__ for item in request.session.items
+               if getattr(item, "module", None) is not None}
+    return torchrun_batch.Launcher(tmp_path_factory.mktemp("torchrun_jobs"), modules)

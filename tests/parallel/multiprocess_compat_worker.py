@@ -9,9 +9,8 @@ SCENARIO OUT_DIR`` writes ``OUT_DIR/rank<r>.json``:
   the gathered weights; then DP=2 with the distributed optimizer, compared with a plain
   torch AdamW on the whole batch; then PP=2 through get_forward_backward_func, 1F1B and
   interleaved (2 chunks per rank), compared with the unpipelined model. Every layout is a
-  fresh initialize_distributed.
-- ``bad_layout``: tensor_model_parallel_size=3 on 2 processes; records the error and exits
-  non-zero.
+  fresh initialize_distributed. Last, tensor_model_parallel_size=3 on the 2 processes: the
+  error every rank raises, before any process group.
 """
 
 import json
@@ -403,7 +402,19 @@ def run_layouts(rank: int) -> dict:
     results["cuda_initialized"] = torch.cuda.is_initialized()
     results["new_cuda_queued_calls"] = len(torch.cuda._queued_calls) - queued_cuda_calls
     results["cuda_lazy_init_calls"] = len(lazy_init_calls)
+    results["bad_layout"] = bad_layout()
     return results
+
+
+def bad_layout() -> dict:
+    start = time.monotonic()
+    try:
+        initialize_distributed(tensor_model_parallel_size=3, timeout_minutes=TIMEOUT_MINUTES)
+    except ValueError as error:
+        return {"error": str(error), "seconds": time.monotonic() - start,
+                "process_group": dist.is_initialized()}
+    destroy_distributed()
+    return {"error": None}
 
 
 def main() -> None:
@@ -412,20 +423,6 @@ def main() -> None:
     out_file = out_dir / f"rank{rank}.json"
     if scenario == "layouts":
         out_file.write_text(json.dumps(run_layouts(rank), indent=1))
-    elif scenario == "bad_layout":
-        try:
-            initialize_distributed(tensor_model_parallel_size=3, timeout_minutes=TIMEOUT_MINUTES)
-        except ValueError as error:
-            out_file.write_text(json.dumps({"error": str(error)}))
-            # torchrun stops the other ranks when one exits: wait (briefly) until every rank
-            # has recorded its error, so a slow import on a busy machine is not cut short.
-            deadline = time.monotonic() + 60
-            world = int(os.environ["WORLD_SIZE"])
-            while time.monotonic() < deadline and not all(
-                    (out_dir / f"rank{r}.json").exists() for r in range(world)):
-                time.sleep(0.1)
-            raise
-        out_file.write_text(json.dumps({"error": None}))
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
 

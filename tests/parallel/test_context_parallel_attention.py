@@ -24,6 +24,8 @@ from megatron_transmamba.layers.mixer_core import prefix_attention
 from megatron_transmamba.layers.rotary import apply_rope, rope_table
 from megatron_transmamba.parallel.context_parallel_attention import context_parallel_prefix_attention
 
+import torchrun_batch
+
 BATCH, SEQLEN, HEADS, GROUPS, HEAD_DIM, STATE_DIM = 2, 32, 4, 2, 3, 4
 SCALE = STATE_DIM ** -0.5
 WORLD = 4
@@ -97,12 +99,12 @@ def _worker(out_dir: Path) -> None:
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def reports(tmp_path_factory):
-    from test_tensor_parallel import run_ranks
+LAUNCH = torchrun_batch.job(WORLD, __file__, "{out}")
 
-    out_dir = tmp_path_factory.mktemp("cp_attention")
-    return run_ranks([Path(__file__), out_dir], WORLD, out_dir)
+
+@pytest.fixture(scope="module")
+def reports(torchrun_jobs):
+    return torchrun_jobs(LAUNCH).ranks()
 
 
 @pytest.mark.parametrize("cp", CP_SIZES)

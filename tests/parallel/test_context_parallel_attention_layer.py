@@ -24,6 +24,8 @@ if __name__ == "__main__":  # torchrun puts this folder, not the repository root
 import pytest
 import torch
 
+import torchrun_batch
+
 WORLD = 4
 CP_SIZES = (2, 4)
 SEQLEN, BATCH, HIDDEN, HEADS, HEAD_DIM = 24, 2, 32, 4, 8
@@ -167,12 +169,12 @@ def _worker(out_dir: Path) -> None:
     (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
 
 
-@pytest.fixture(scope="module")
-def reports(tmp_path_factory):
-    from test_tensor_parallel import run_ranks
+LAUNCH = torchrun_batch.job(WORLD, __file__, "{out}")
 
-    out_dir = tmp_path_factory.mktemp("cp_attention_layer")
-    return run_ranks([Path(__file__), out_dir], WORLD, out_dir)
+
+@pytest.fixture(scope="module")
+def reports(torchrun_jobs):
+    return torchrun_jobs(LAUNCH).ranks()
 
 
 @pytest.mark.parametrize("cp", CP_SIZES)

@@ -1,13 +1,20 @@
 """The context-parallel causal conv (halo exchange) against the single-process conv of the whole
-sequence, on 4 real processes (gloo, CPU, float64): CP = 4 on all of them and CP = 2 on the
-subgroups {0, 1} and {2, 3} (so group ranks differ from global ranks), forward and backward."""
-import os
+sequence, on 4 real processes (torchrun, gloo, CPU, float64): CP = 4 on all of them and CP = 2
+on the subgroups {0, 1} and {2, 3} (so group ranks differ from global ranks), forward and
+backward. Run as a script, this file is the worker: each rank checks its shards and writes
+rank<r>.json with the layouts it checked."""
+import json
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # torchrun puts this folder, not the repository root, on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+import torchrun_batch
 from transmamba_kernels.conv.naive import causal_conv1d_silu_naive
 from megatron_transmamba.parallel.context_parallel_conv import context_parallel_causal_conv1d_silu
 
@@ -57,10 +64,10 @@ def _check_layout(group, ranks, x, weight, bias, dout, ref):
     assert (cp_rank == 0) == bool((alone[:, : WIDTH - 1] - out[:, : WIDTH - 1]).abs().max() <= TOL)
 
 
-def _worker(rank: int, init_file: str):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
+def _worker(out_dir: Path) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    assert dist.get_world_size() == WORLD
     try:
         x, weight, bias, dout = _inputs()
         ref = _grads(causal_conv1d_silu_naive, x, weight, bias, dout)
@@ -72,16 +79,28 @@ def _worker(rank: int, init_file: str):
         _check_layout(pair_groups[mine], pairs[mine], x, weight, bias, dout, ref)
         with pytest.raises(ValueError, match=r"S = 2 is shorter than the halo W - 1 = 3"):
             context_parallel_causal_conv1d_silu(x[:, :2], weight, bias, cp_group=pair_groups[mine])
+        checked = {"cp4": everyone, "cp2": pairs[mine]}
     finally:
         dist.destroy_process_group()
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(checked))
 
 
-def test_cp2_and_cp4_match_single_process(tmp_path):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(str(tmp_path / "init"),), nprocs=WORLD, join=True)
+LAUNCH = torchrun_batch.job(WORLD, __file__, "{out}")
+
+
+def test_cp2_and_cp4_match_single_process(torchrun_jobs):
+    """The checks run in the worker (an error fails the launch); every rank did both layouts."""
+    out_dir = torchrun_jobs(LAUNCH).out_dir
+    for rank in range(WORLD):
+        checked = json.loads((out_dir / f"rank{rank}.json").read_text())
+        assert checked == {"cp4": [0, 1, 2, 3], "cp2": [0, 1] if rank < 2 else [2, 3]}
 
 
 def test_no_group_is_the_plain_conv():
     x, weight, bias, _ = _inputs()
     out = context_parallel_causal_conv1d_silu(x, weight, bias, cp_group=None)
     assert torch.equal(out, causal_conv1d_silu_naive(x, weight, bias))
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))

@@ -30,6 +30,8 @@ if __name__ == "__main__":  # torchrun puts this folder, not the repository root
 import pytest
 import torch
 
+import torchrun_batch
+
 WORLD = 4
 T, BATCH, HIDDEN, H, G, P, N, W, CHUNK = 64, 1, 32, 4, 2, 8, 16, 4, 16
 DT_LIMIT = (0.005, 0.05)
@@ -252,12 +254,12 @@ def _worker(out_dir: Path) -> None:
     (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
 
 
-@pytest.fixture(scope="module")
-def reports(tmp_path_factory):
-    from test_tensor_parallel import run_ranks
+LAUNCH = torchrun_batch.job(WORLD, __file__, "{out}")
 
-    out_dir = tmp_path_factory.mktemp("cp_mixer")
-    return run_ranks([Path(__file__), out_dir], WORLD, out_dir)
+
+@pytest.fixture(scope="module")
+def reports(torchrun_jobs):
+    return torchrun_jobs(LAUNCH).ranks()
 
 
 @pytest.mark.parametrize("layout, tp, cp, sp", LAYOUTS)

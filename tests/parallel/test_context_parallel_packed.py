@@ -30,6 +30,7 @@ if __name__ == "__main__":  # torchrun puts this folder, not the repository root
 import pytest
 import torch
 
+import torchrun_batch
 from test_context_parallel_mixer import TOL, _CollectiveLog, _grad, _local, _max_rel
 
 WORLD = 4
@@ -231,12 +232,12 @@ def _worker(out_dir: Path) -> None:
     (out_dir / f"rank{os.environ['RANK']}.json").write_text(json.dumps(report))
 
 
-@pytest.fixture(scope="module")
-def reports(tmp_path_factory):
-    from test_tensor_parallel import run_ranks
+LAUNCH = torchrun_batch.job(WORLD, __file__, "{out}")
 
-    out_dir = tmp_path_factory.mktemp("cp_packed")
-    return run_ranks([Path(__file__), out_dir], WORLD, out_dir)
+
+@pytest.fixture(scope="module")
+def reports(torchrun_jobs):
+    return torchrun_jobs(LAUNCH).ranks()
 
 
 @pytest.mark.parametrize("layout, tp, cp, sp", LAYOUTS)

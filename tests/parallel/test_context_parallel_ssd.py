@@ -1,11 +1,12 @@
 """Context-parallel SSD across real processes (torchrun, gloo, CPU, float64) against the
 single-process full-sequence ``chunk_ssd_naive``, forward and backward.
 
-Run as a script, this file is the torchrun worker: every rank builds the same full inputs
-(T = 64, G < H), runs the full-sequence reference, then ``context_parallel_ssd`` on its own
-shard with the loss summed over ranks, and writes its errors to rank<r>.json. Rank 0's
-dx only matches when the later ranks' gradients of its final state come back through the
-autograd all-gather, so the comparison covers the cross-rank backward.
+Run as a script, this file is the worker of one 4-process launch: every rank builds the same
+full inputs (T = 64, G < H), runs the full-sequence reference, then ``context_parallel_ssd`` on
+its own shard with the loss summed over its CP group, CP = 4 (all ranks) and CP = 2 (groups
+{0, 1} and {2, 3}: one does not start at global rank 0), and writes its errors to rank<r>.json.
+Rank 0's dx only matches when the later ranks' gradients of its final state come back through
+the autograd all-gather, so the comparison covers the cross-rank backward.
 """
 import json
 import sys
@@ -17,10 +18,12 @@ if __name__ == "__main__":  # torchrun puts this folder, not the repository root
 import pytest
 import torch
 
+import torchrun_batch
 from transmamba_kernels.ssd import chunk_ssd_naive
 from megatron_transmamba.parallel.context_parallel_ssd import context_parallel_ssd
 
 BATCH, SEQLEN, HEADS, GROUPS, HEAD_DIM, STATE_DIM, CHUNK = 2, 64, 4, 2, 3, 5, 16
+WORLD = 4
 TOL = 1e-10
 NAMES = ["x", "dt", "A", "B", "C", "D"]
 
@@ -78,32 +81,30 @@ def _worker(out_dir: Path) -> None:
     (y_ref * weight).sum().backward()
     full = {"y": y_ref, "leaves": leaves}
 
-    errors, local = _errors(dist, cp_group, inputs, weight, full)
-    result = {"errors": errors, "layout": {"world": world,
-                                           "cp_size": dist.get_world_size(group=cp_group), **local}}
-    if world == 4:   # CP = 2 groups {0, 1} and {2, 3}: one does not start at global rank 0
-        halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-        result["subgroup_errors"], _ = _errors(dist, halves[rank // 2], inputs, weight, full)
+    halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]   # every rank creates both
+    result = {}
+    for cp, group in ((4, cp_group), (2, halves[rank // 2])):
+        errors, local = _errors(dist, group, inputs, weight, full)
+        result[f"cp{cp}"] = {"errors": errors, "layout": {
+            "world": world, "cp_size": dist.get_world_size(group=group), **local}}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("cp", [2, 4])
-def test_context_parallel_equals_full_scan(cp, tmp_path):
-    from test_tensor_parallel import torchrun
+LAUNCH = torchrun_batch.job(WORLD, __file__, "{out}")
 
-    result = torchrun([Path(__file__), tmp_path], cp)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    for rank in range(cp):
-        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_context_parallel_equals_full_scan(cp, torchrun_jobs):
+    out_dir = torchrun_jobs(LAUNCH).out_dir
+    for rank in range(WORLD):
+        report = json.loads((out_dir / f"rank{rank}.json").read_text())[f"cp{cp}"]
         layout = report["layout"]
-        assert (layout["world"], layout["cp_size"], layout["local_seqlen"]) == (cp, cp, SEQLEN // cp)
+        assert (layout["world"], layout["cp_size"], layout["local_seqlen"]) == \
+            (WORLD, cp, SEQLEN // cp)
         assert layout["grad_norm_dx"] > 0
         bad = {k: v for k, v in report["errors"].items() if not v <= TOL}
         assert not bad, f"CP = {cp}, rank {rank}: max abs errors above {TOL}: {bad}"
-        if cp == 4:   # the CP = 2 subgroups inside the 4 ranks
-            bad = {k: v for k, v in report["subgroup_errors"].items() if not v <= TOL}
-            assert not bad, f"CP = 2 subgroup, rank {rank}: max abs errors above {TOL}: {bad}"
 
 
 def test_no_group_is_the_plain_scan():

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import torchrun_batch  # noqa: E402
 from context_parallel_common import (PACKED_ITERS, STOP_AT, TRAIN_ITERS,  # noqa: E402
                                      packed_run_config, run_config)
 from test_data_parallel import read_ranks, torchrun  # noqa: E402
@@ -43,21 +44,25 @@ def reference(tmp_path_factory):
     return [result.train_losses[step] for step in range(1, TRAIN_ITERS + 1)]
 
 
-@pytest.fixture(scope="module")
-def short_corpus(tmp_path_factory):
+def short_corpus(out_dir: Path, launcher=None) -> str:
     """Documents of 1 to 40 bytes: a 32-token sample holds several, and many cross token 16."""
     from helpers import short_documents_corpus
-    return short_documents_corpus(str(tmp_path_factory.mktemp("corpus") / "short"), "abc \n",
-                                  40, 500)
+    return short_documents_corpus(str(out_dir / "short"), "abc \n", 40, 500)
+
+
+def copy_cp2_checkpoint(out_dir: Path, launcher) -> None:
+    shutil.copytree(launcher(CP2).out_dir / "ckpt", out_dir / "ckpt_cp4")
+
+
+CP2 = torchrun_batch.job(2, WORKER, "cp2", "{out}", "{out}/short", prepare=short_corpus)
+WORLD4 = torchrun_batch.job(4, WORKER, "world4", "{out}", prepare=copy_cp2_checkpoint)
 
 
 @pytest.fixture(scope="module")
-def cp2_runs(tmp_path_factory, short_corpus):
-    out = tmp_path_factory.mktemp("cp2")
-    result = torchrun([WORKER, "cp2", out, short_corpus], 2)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    assert "x CP=2 x DP=1 = 2 ranks" in result.stdout
-    return out, read_ranks(out, 2)
+def cp2_runs(torchrun_jobs):
+    run = torchrun_jobs(CP2)
+    assert "x CP=2 x DP=1 = 2 ranks" in run.stdout
+    return run.out_dir, run.ranks()
 
 
 def test_cp2_matches_one_process(reference, cp2_runs):
@@ -69,10 +74,10 @@ def test_cp2_matches_one_process(reference, cp2_runs):
         assert sorted(map(int, stopped)) == list(range(1, STOP_AT + 1))
 
 
-def test_cp2_with_packed_documents_matches_one_process(cp2_runs, short_corpus, tmp_path):
+def test_cp2_with_packed_documents_matches_one_process(cp2_runs, tmp_path):
     from megatron_transmamba.training.pretrain import pretrain
-    _, ranks = cp2_runs
-    result = pretrain(packed_run_config(tmp_path, short_corpus))
+    out, ranks = cp2_runs
+    result = pretrain(packed_run_config(tmp_path, str(out / "short")))
     want = [result.train_losses[step] for step in range(1, PACKED_ITERS + 1)]
     # documents crossed the shard boundary: rank 1's rows continued rank 0's documents
     assert [runs["packed"]["continued"] > 0 for runs in ranks] == [False, True]
@@ -93,15 +98,12 @@ def test_cp2_checkpoint_resumes_at_cp1(reference, cp2_runs, tmp_path):
     assert resumed == pytest.approx(reference[STOP_AT:], abs=LOSS_TOL)
 
 
-def test_cp4_resume_and_cp2_with_tp_dp_pp_match_one_process(reference, cp2_runs):
-    out, _ = cp2_runs
-    shutil.copytree(out / "ckpt", out / "ckpt_cp4")
-    result = torchrun([WORKER, "world4", out], 4)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+def test_cp4_resume_and_cp2_with_tp_dp_pp_match_one_process(reference, torchrun_jobs):
+    run = torchrun_jobs(WORLD4)     # CP = 4 resumes from a copy of the CP = 2 run's checkpoint
     for line in ("TP=1 x PP=1 x CP=4 x DP=1 = 4 ranks", "TP=2 (SP) x PP=1 x CP=2 x DP=1",
                  "TP=1 x PP=1 x CP=2 x DP=2", "TP=1 x PP=2 x CP=2 x DP=1"):
-        assert f"layout {line}" in result.stdout, line
-    for runs in read_ranks(out, 4):
+        assert f"layout {line}" in run.stdout, line
+    for runs in run.ranks():
         assert losses(runs["cp4_resumed"], STOP_AT + 1) == pytest.approx(reference[STOP_AT:],
                                                                          abs=LOSS_TOL)
         for name in ("cp2_tp2", "cp2_dp2", "cp2_pp2"):

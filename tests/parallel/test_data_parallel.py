@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import torchrun_batch  # noqa: E402
 from data_parallel_common import TRAIN_ITERS, run_config  # noqa: E402
 from megatron_transmamba.parallel.initialize import find_free_port  # noqa: E402
 
@@ -70,12 +71,15 @@ DP2_LAYOUT = {"world_size": 2, "tensor_model_parallel_size": 1, "pipeline_model_
               "rank_layers": [list(range(10))], "layer_numbers": [list(range(1, 11))]}
 
 
-def test_dp2_matches_single_process_and_resumes_exactly(reference, tmp_path):
-    result = torchrun([WORKER, "dp2", tmp_path], 2)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    assert "layout TP=1 x PP=1 x DP=2 = 2 ranks" in result.stdout
-    assert "optimizer" in result.stdout and "sharded" in result.stdout
-    for rank, runs in enumerate(read_ranks(tmp_path, 2)):
+DP2 = torchrun_batch.job(2, WORKER, "dp2", "{out}")
+WORLD4 = torchrun_batch.job(4, WORKER, "world4", "{out}")
+
+
+def test_dp2_matches_single_process_and_resumes_exactly(reference, torchrun_jobs):
+    run = torchrun_jobs(DP2)
+    assert "layout TP=1 x PP=1 x DP=2 = 2 ranks" in run.stdout
+    assert "optimizer" in run.stdout and "sharded" in run.stdout
+    for rank, runs in enumerate(run.ranks()):
         assert runs["layout"] == DP2_LAYOUT, rank
         for name in ("distributed_optimizer", "plain"):
             assert losses(runs[name]) == pytest.approx(reference, abs=LOSS_TOL), (rank, name)
@@ -87,13 +91,12 @@ def test_dp2_matches_single_process_and_resumes_exactly(reference, tmp_path):
             assert loss == full[step], f"rank {rank} step {step}: resume is not exact"
 
 
-def test_tp2_x_dp2_tp2_x_pp2_and_pp2_x_dp2_match_single_process(reference, tmp_path):
-    result = torchrun([WORKER, "world4", tmp_path], 4)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    assert "layout TP=2 x PP=1 x DP=2 = 4 ranks" in result.stdout
-    assert "layout TP=2 x PP=2 x DP=1 = 4 ranks" in result.stdout
-    assert "layout TP=1 x PP=2 x DP=2 = 4 ranks" in result.stdout
-    for rank, runs in enumerate(read_ranks(tmp_path, 4)):
+def test_tp2_x_dp2_tp2_x_pp2_and_pp2_x_dp2_match_single_process(reference, torchrun_jobs):
+    run = torchrun_jobs(WORLD4)
+    assert "layout TP=2 x PP=1 x DP=2 = 4 ranks" in run.stdout
+    assert "layout TP=2 x PP=2 x DP=1 = 4 ranks" in run.stdout
+    assert "layout TP=1 x PP=2 x DP=2 = 4 ranks" in run.stdout
+    for rank, runs in enumerate(run.ranks()):
         assert runs["tp2_dp2"]["layout"] == {**DP2_LAYOUT, "world_size": 4,
                                              "tensor_model_parallel_size": 2}
         assert losses(runs["tp2_dp2"]["losses"]) == pytest.approx(reference, abs=LOSS_TOL)
@@ -133,8 +136,10 @@ def test_two_nodes_match_single_process(reference, tmp_path):
 
 
 def test_bad_layout_fails_fast_on_every_rank(tmp_path):
-    """The other layout errors (global batch, pipeline splits) are raised by the same
-    check_run_config and tested in one process (test_pipeline_parallel.py)."""
+    """The one launch of examples/pretrain.py with a bad layout: every rank reports the error
+    once, before any process group. The other layout errors (global batch, pipeline splits,
+    heads at TP = 2) come from the same check_run_config and are tested in one process
+    (test_pipeline_parallel.py, test_tensor_parallel.py, test_run_config.py)."""
     message = "world size 2 is not divisible by parallel.tensor_model_parallel_size (4)"
     start = time.monotonic()
     result = torchrun(["examples/pretrain.py", "--config", "examples/configs/tiny_cpu.yaml",
@@ -145,3 +150,4 @@ def test_bad_layout_fails_fast_on_every_rank(tmp_path):
     assert elapsed < LAUNCH_TIMEOUT_S / 3, f"took {elapsed:.0f} s"
     for rank in range(2):
         assert f"error (rank {rank}): {message}" in result.stderr, result.stderr[-3000:]
+    assert result.stderr.count(message) == 2, result.stderr[-3000:]

@@ -17,8 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import torchrun_batch  # noqa: E402
 from data_parallel_common import run_config, single_process_reference  # noqa: E402
-from test_data_parallel import WORKER, losses, read_ranks, torchrun  # noqa: E402
+from test_data_parallel import WORKER, losses  # noqa: E402
 
 TOL = 1e-5
 
@@ -32,14 +33,15 @@ def reference(tmp_path_factory):
     return single_process_reference(tmp_path_factory.mktemp("single"))
 
 
+PP2 = torchrun_batch.job(2, WORKER, "pp2", "{out}")
+
+
 @pytest.fixture(scope="module")
-def pp2(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("pp2")
-    result = torchrun([WORKER, "pp2", out_dir], 2)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    assert "layout TP=1 x PP=2 x DP=1 = 2 ranks" in result.stdout
-    assert "layout TP=1 x PP=2 (virtual 2) x DP=1 = 2 ranks" in result.stdout
-    return read_ranks(out_dir, 2)
+def pp2(torchrun_jobs):
+    run = torchrun_jobs(PP2)
+    assert "layout TP=1 x PP=2 x DP=1 = 2 ranks" in run.stdout
+    assert "layout TP=1 x PP=2 (virtual 2) x DP=1 = 2 ranks" in run.stdout
+    return run.ranks()
 
 
 @pytest.mark.parametrize("case, stages, rank_layers", [
@@ -92,15 +94,17 @@ def test_layout_errors_name_the_fields(tmp_path, world_size, parallel, model, tr
     assert message in str(error.value)
 
 
-def test_more_stages_than_layers_fails_fast_on_every_rank(tmp_path):
+def test_more_stages_than_layers_fails_before_any_process_group(tmp_path):
+    """examples/pretrain.py's overrides on its tiny config; what every rank reports before any
+    process group starts (the launch that shows it: test_data_parallel.py)."""
+    from megatron_transmamba.training.config import load_run_config
+    from megatron_transmamba.training.pretrain import check_run_config
+
     message = ("16 pipeline stages (pipeline_model_parallel_size x "
                "virtual_pipeline_model_parallel_size) but model.layer_pattern has only 8 layers")
-    result = torchrun(["examples/pretrain.py", "--config", "examples/configs/tiny_cpu.yaml",
-                       "--training.global_batch_size=16",
-                       "--parallel.pipeline_model_parallel_size=2",
-                       "--parallel.virtual_pipeline_model_parallel_size=8",
-                       f"--data.cache_dir={tmp_path}"], 2)
-    assert result.returncode != 0
-    for rank in range(2):
-        assert f"error (rank {rank}): " in result.stderr, result.stderr[-3000:]
-    assert result.stderr.count(message) == 2, result.stderr[-3000:]
+    cfg = load_run_config("examples/configs/tiny_cpu.yaml", [
+        "--training.global_batch_size=16", "--parallel.pipeline_model_parallel_size=2",
+        "--parallel.virtual_pipeline_model_parallel_size=8", f"--data.cache_dir={tmp_path}"])
+    with pytest.raises(ValueError) as error:
+        check_run_config(cfg, 2)
+    assert message in str(error.value)

@@ -10,19 +10,14 @@ steps the weights agree to 1e-3 of each tensor's largest entry, because Adam's p
 normalisation turns rounding in near-zero gradients into full-size steps.
 """
 
-import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import torchrun_batch
+
 WORKER = Path(__file__).with_name("tensor_parallel_worker.py")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-LAUNCH_TIMEOUT_S = 180
 LOGITS_TOL = GRAD_TOL = LOSS_TOL = 1e-5
 TRAINED_TOL = 1e-3
 
@@ -31,34 +26,19 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def torchrun(args: list, nproc: int) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=LAUNCH_TIMEOUT_S)
-
-
-def run_ranks(args: list, nproc: int, out_dir: Path) -> list:
-    """torchrun ``args`` (a worker script and its arguments) on ``nproc`` processes; every
-    rank writes ``out_dir/rank<r>.json``, returned in rank order."""
-    result = torchrun(args, nproc)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(nproc)]
-
-
-def launch(scenario: str, nproc: int, out_dir: Path) -> list:
-    return run_ranks([WORKER, scenario, out_dir], nproc, out_dir)
+WORLD2 = torchrun_batch.job(2, WORKER, "world2", "{out}")
+WORLD4 = torchrun_batch.job(4, WORKER, "world4", "{out}")
+TRAINER = torchrun_batch.job(2, WORKER, "trainer", "{out}")
 
 
 @pytest.fixture(scope="module")
-def world2(tmp_path_factory):
-    return launch("world2", 2, tmp_path_factory.mktemp("world2"))
+def world2(torchrun_jobs):
+    return torchrun_jobs(WORLD2).ranks()
 
 
 @pytest.fixture(scope="module")
-def world4(tmp_path_factory):
-    return launch("world4", 4, tmp_path_factory.mktemp("world4"))
+def world4(torchrun_jobs):
+    return torchrun_jobs(WORLD4).ranks()
 
 
 def assert_matches_tp1(case: dict, where: str) -> None:
@@ -128,11 +108,10 @@ def test_vocab_not_divisible_fails_on_every_rank(world2):
             in results["bad_vocab_error"]
 
 
-def test_trainer_tp2_matches_tp1_and_resumes_exactly(tmp_path):
+def test_trainer_tp2_matches_tp1_and_resumes_exactly(torchrun_jobs):
     """pretrain() on the embedded corpus: TP = 2 (2 micro-batches) against TP = 1 x DP = 2 on
     the same global batch, and a TP = 2 run stopped at step 3 and resumed from its checkpoint."""
-    results = launch("trainer", 2, tmp_path)
-    for result in results:
+    for result in torchrun_jobs(TRAINER).ranks():
         tp1, tp2 = result["tp1"], result["tp2"]
         assert sorted(tp1) == sorted(tp2) == [str(s) for s in range(1, 7)]
         assert [tp2[s] for s in sorted(tp2)] == pytest.approx([tp1[s] for s in sorted(tp1)],
@@ -145,16 +124,16 @@ def test_trainer_tp2_matches_tp1_and_resumes_exactly(tmp_path):
             assert loss == tp2[step], f"step {step}: resumed run differs from the uninterrupted one"
 
 
-def test_heads_not_divisible_fail_fast_on_every_rank(tmp_path):
-    """The trainer's entry point with mamba_num_heads=3 at TP = 2: every rank reports the field
-    before any process group exists, and the launch ends at once."""
-    start = time.monotonic()
-    result = torchrun(["examples/pretrain.py", "--config", "examples/configs/tiny_cpu.yaml",
-                       "--parallel.tensor_model_parallel_size=2", "--model.mamba_num_heads=3",
-                       "--model.mamba_num_groups=1", f"--data.cache_dir={tmp_path}"], 2)
-    elapsed = time.monotonic() - start
-    assert result.returncode != 0
-    assert elapsed < LAUNCH_TIMEOUT_S / 3, f"took {elapsed:.0f} s"
-    for rank in range(2):
-        assert (f"error (rank {rank}): mamba_num_heads=3 must be divisible by "
-                "tensor_model_parallel_size=2") in result.stderr, result.stderr[-3000:]
+def test_heads_not_divisible_fail_before_any_process_group(tmp_path):
+    """The trainer's entry point with mamba_num_heads=3 at TP = 2: what every rank reports
+    before any process group exists (the launch that shows it: test_data_parallel.py)."""
+    from megatron_transmamba.training.config import load_run_config
+    from megatron_transmamba.training.pretrain import check_run_config
+
+    cfg = load_run_config("examples/configs/tiny_cpu.yaml", [
+        "--parallel.tensor_model_parallel_size=2", "--model.mamba_num_heads=3",
+        "--model.mamba_num_groups=1", f"--data.cache_dir={tmp_path}"])
+    with pytest.raises(ValueError) as error:
+        check_run_config(cfg, 2)
+    assert "mamba_num_heads=3 must be divisible by tensor_model_parallel_size=2" \
+        in str(error.value)

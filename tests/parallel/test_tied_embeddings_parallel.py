@@ -22,9 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import torchrun_batch  # noqa: E402
 from data_parallel_common import (MODEL, run_config,  # noqa: E402
                                   single_process_reference)
-from test_data_parallel import losses, read_ranks, torchrun  # noqa: E402
+from test_data_parallel import losses  # noqa: E402
 
 WORKER = Path(__file__).with_name("tied_embeddings_worker.py")
 TIED = {"share_embeddings_and_output_weights": True}
@@ -40,14 +41,15 @@ def reference(tmp_path_factory):
     return single_process_reference(tmp_path_factory.mktemp("single"), model=TIED)
 
 
+LAUNCH = torchrun_batch.job(2, WORKER, "{out}")
+
+
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("tied")
-    result = torchrun([WORKER, out_dir], 2)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+def launched(torchrun_jobs):
+    run = torchrun_jobs(LAUNCH)
     for layout in ("TP=1 x PP=2 x DP=1", "TP=1 x PP=2 (virtual 2) x DP=1", "TP=2 x PP=1 x DP=1"):
-        assert f"layout {layout} = 2 ranks" in result.stdout
-    return out_dir, read_ranks(out_dir, 2)
+        assert f"layout {layout} = 2 ranks" in run.stdout
+    return run.out_dir, run.ranks()
 
 
 def test_tied_reference_counts_the_matrix_once(reference):
