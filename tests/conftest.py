@@ -46,3 +46,14 @@ def torchrun_jobs(request, tmp_path_factory):
     modules = {item.module.__name__ for item in request.session.items
                if getattr(item, "module", None) is not None}
     return torchrun_batch.Launcher(tmp_path_factory.mktemp("torchrun_jobs"), modules)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """With --durations: the batched torchrun jobs' own times, which --durations counts in the
+    setup of the first test that asked for their launch."""
+    launchers = getattr(sys.modules.get("torchrun_batch"), "LAUNCHERS", [])
+    lines = [line for launcher in launchers for line in launcher.summary()]
+    if config.getoption("durations", None) is not None and lines:
+        terminalreporter.write_sep("=", "torchrun jobs (one launch per process count)")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -3,12 +3,14 @@ pytest process) and context_parallel_worker.py (the torchrun launches): a tiny m
 * and - layers at T = 32 whose TransPoints 0, 13, 16, 20, 32 fall at the sequence start,
 inside the first shard, on the CP = 2 shard boundary (a CP = 4 boundary too), inside a later
 shard and at T; RoPE in the mixers and '*' layers; 20 steps of global batch 4 in micro-batches
-of 2 (gradient accumulation, and two micro-batches per rank at DP = 2). ``packed_run_config``:
+of 2 (gradient accumulation, and two micro-batches per rank at DP = 2), on the fixed corpus of
+data_parallel_common.fixed_corpus. ``packed_run_config``:
 the same model for ``PACKED_ITERS`` steps on a corpus of short documents with
 ``data.reset_at_eod`` (several documents per sample, many crossing the CP = 2 boundary)."""
 
 from pathlib import Path
 
+from data_parallel_common import fixed_corpus
 from megatron_transmamba.training.config import build_run_config
 
 MODEL = dict(layer_pattern="T-M-*-T-T-T-T-", hidden_size=32, ffn_hidden_size=64,
@@ -25,7 +27,8 @@ def run_config(out_dir: Path, save: str = None, resume: bool = False, exit_at_st
                data: dict = None, train_iters: int = TRAIN_ITERS, **parallel):
     return build_run_config({
         "model": dict(MODEL),
-        "data": {"cache_dir": str(Path(out_dir) / "data_cache"), **(data or {})},
+        "data": {"cache_dir": str(Path(out_dir) / "data_cache"),
+                 **(data or {"data_path": [fixed_corpus(out_dir)]})},
         "training": {"micro_batch_size": 2, "global_batch_size": 4, "train_iters": train_iters,
                      "lr": 3e-3, "min_lr": 3e-4, "lr_warmup_iters": 2, "eval_interval": 0,
                      "log_interval": 100, "exit_at_step": exit_at_step},

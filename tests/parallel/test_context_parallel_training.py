@@ -20,9 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import golden  # noqa: E402
 import torchrun_batch  # noqa: E402
 from context_parallel_common import (PACKED_ITERS, STOP_AT, TRAIN_ITERS,  # noqa: E402
-                                     packed_run_config, run_config)
+                                     run_config)
 from test_data_parallel import read_ranks, torchrun  # noqa: E402
 
 WORKER = Path(__file__).with_name("context_parallel_worker.py")
@@ -38,23 +39,16 @@ def losses(run: dict, first: int = 1) -> list:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    from megatron_transmamba.training.pretrain import pretrain
-    result = pretrain(run_config(tmp_path_factory.mktemp("single")))
-    return [result.train_losses[step] for step in range(1, TRAIN_ITERS + 1)]
-
-
-def short_corpus(out_dir: Path, launcher=None) -> str:
-    """Documents of 1 to 40 bytes: a 32-token sample holds several, and many cross token 16."""
-    from helpers import short_documents_corpus
-    return short_documents_corpus(str(out_dir / "short"), "abc \n", 40, 500)
+def reference(one_process_run):
+    return one_process_run("context_parallel")["losses"]
 
 
 def copy_cp2_checkpoint(out_dir: Path, launcher) -> None:
     shutil.copytree(launcher(CP2).out_dir / "ckpt", out_dir / "ckpt_cp4")
 
 
-CP2 = torchrun_batch.job(2, WORKER, "cp2", "{out}", "{out}/short", prepare=short_corpus)
+CP2 = torchrun_batch.job(2, WORKER, "cp2", "{out}", "{out}/short",
+                         prepare=lambda out, launcher: golden.packed_corpus(out))
 WORLD4 = torchrun_batch.job(4, WORKER, "world4", "{out}", prepare=copy_cp2_checkpoint)
 
 
@@ -74,11 +68,9 @@ def test_cp2_matches_one_process(reference, cp2_runs):
         assert sorted(map(int, stopped)) == list(range(1, STOP_AT + 1))
 
 
-def test_cp2_with_packed_documents_matches_one_process(cp2_runs, tmp_path):
-    from megatron_transmamba.training.pretrain import pretrain
-    out, ranks = cp2_runs
-    result = pretrain(packed_run_config(tmp_path, str(out / "short")))
-    want = [result.train_losses[step] for step in range(1, PACKED_ITERS + 1)]
+def test_cp2_with_packed_documents_matches_one_process(cp2_runs, one_process_run):
+    _, ranks = cp2_runs
+    want = one_process_run("context_parallel_packed")["losses"]     # golden.packed_corpus
     # documents crossed the shard boundary: rank 1's rows continued rank 0's documents
     assert [runs["packed"]["continued"] > 0 for runs in ranks] == [False, True]
     for runs in ranks:

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torchrun_batch  # noqa: E402
-from data_parallel_common import TRAIN_ITERS, run_config  # noqa: E402
+from data_parallel_common import TRAIN_ITERS  # noqa: E402
 from megatron_transmamba.parallel.initialize import find_free_port  # noqa: E402
 
 WORKER = Path(__file__).with_name("data_parallel_worker.py")
@@ -50,12 +50,12 @@ def read_ranks(out_dir: Path, nproc: int) -> list:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The single-process run (in this process: no torchrun, one rank)."""
-    from megatron_transmamba.training.pretrain import pretrain
-    result = pretrain(run_config(tmp_path_factory.mktemp("single")))
-    assert result.layout["world_size"] == 1 and result.layout["num_microbatches"] == 4
-    return [result.train_losses[step] for step in range(1, TRAIN_ITERS + 1)]
+def reference(one_process_run):
+    """The single-process run (in this process: no torchrun, one rank; golden.py)."""
+    run = one_process_run("data_parallel")
+    assert run["layout"]["world_size"] == 1 and run["layout"]["num_microbatches"] == 4
+    assert len(run["losses"]) == TRAIN_ITERS
+    return run["losses"]
 
 
 def losses(run: dict) -> list:

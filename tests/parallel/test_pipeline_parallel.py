@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torchrun_batch  # noqa: E402
-from data_parallel_common import run_config, single_process_reference  # noqa: E402
+from data_parallel_common import run_config  # noqa: E402
 from test_data_parallel import WORKER, losses  # noqa: E402
 
 TOL = 1e-5
@@ -29,8 +29,8 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return single_process_reference(tmp_path_factory.mktemp("single"))
+def reference(one_process_run):
+    return one_process_run("data_parallel")
 
 
 PP2 = torchrun_batch.job(2, WORKER, "pp2", "{out}")

@@ -23,12 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torchrun_batch  # noqa: E402
-from data_parallel_common import (MODEL, run_config,  # noqa: E402
-                                  single_process_reference)
+from data_parallel_common import MODEL, TIED, run_config  # noqa: E402
 from test_data_parallel import losses  # noqa: E402
 
 WORKER = Path(__file__).with_name("tied_embeddings_worker.py")
-TIED = {"share_embeddings_and_output_weights": True}
 TOL = 1e-5
 
 pytestmark = pytest.mark.skipif(
@@ -37,8 +35,8 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return single_process_reference(tmp_path_factory.mktemp("single"), model=TIED)
+def reference(one_process_run):
+    return one_process_run("data_parallel_tied")
 
 
 LAUNCH = torchrun_batch.job(2, WORKER, "{out}")

@@ -18,9 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from data_parallel_common import run_config  # noqa: E402
-
-TIED = {"share_embeddings_and_output_weights": True}
+from data_parallel_common import TIED, run_config  # noqa: E402
 
 
 def main() -> None:

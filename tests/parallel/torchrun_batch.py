@@ -21,6 +21,7 @@ from pathlib import Path
 LAUNCH_TIMEOUT_S = 420   # per job; the 2-core machine is shared
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 JOBS = []                # every registered job, in registration (import) order
+LAUNCHERS = []           # the session's launchers (tests/conftest.py reports their jobs' times)
 
 
 class Job:
@@ -66,6 +67,13 @@ class Launcher:
     def __init__(self, root: Path, modules: set):
         self.root, self.modules = root, modules
         self.results, self.errors = {}, {}
+        LAUNCHERS.append(self)
+
+    def summary(self) -> list:
+        """One line per job run, slowest first: its seconds (the slowest rank) and name."""
+        lines = [f"{r.seconds:7.1f}s  {j.nproc} processes  {j.name}"
+                 for j, r in sorted(self.results.items(), key=lambda kv: -kv[1].seconds)]
+        return lines + [f"  failed  {j.nproc} processes  {j.name}" for j in self.errors]
 
     def __call__(self, wanted: Job) -> Launched:
         if wanted not in self.results and wanted not in self.errors:
