@@ -14,6 +14,7 @@ Run by torchrun, this file is the runner: ``torchrun_batch.py SPEC.json``.
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,8 @@ class Job:
     def __init__(self, nproc: int, worker, *args, prepare=None, module: str = ""):
         self.nproc, self.worker, self.args, self.prepare = nproc, Path(worker), args, prepare
         self.module = module
-        self.name = "-".join([self.worker.stem, *(str(a) for a in args if "{out}" not in str(a))])
+        parts = [self.worker.stem, *(str(a) for a in args if "{out}" not in str(a))]
+        self.name = re.sub(r"[^\w.=]+", "-", "-".join(parts))   # a folder name
 
     def __repr__(self) -> str:
         return f"Job({self.name}, nproc={self.nproc})"

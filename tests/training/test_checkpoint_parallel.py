@@ -26,8 +26,11 @@ import pytest
 import torch
 import yaml
 
-from checkpoint_common import TRAIN_ITERS, copy_checkpoint, raw_config, run_config
-from megatron_transmamba.training import checkpoint as ckpt
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
+
+import torchrun_batch  # noqa: E402
+from checkpoint_common import TRAIN_ITERS, copy_checkpoint, raw_config, run_config  # noqa: E402
+from megatron_transmamba.training import checkpoint as ckpt  # noqa: E402
 
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -116,11 +119,24 @@ class Job:
         return "".join(self.lines)
 
 
+def chain_config(out_dir: Path, launcher=None) -> Path:
+    """The YAML run config of the DP = 2 job of ``chain`` (CHAIN_STEPS steps, saves in
+    ``out_dir``/ckpt)."""
+    config = out_dir / "run.yaml"
+    config.write_text(yaml.safe_dump(raw_config(out_dir / "data_cache", out_dir / "ckpt",
+                                                train_iters=CHAIN_STEPS)))
+    return config
+
+
+RESHARD = torchrun_batch.job(4, WORKER, "reshard", "{out}")
+CHAIN_REFERENCE = torchrun_batch.job(2, WORKER, "run", "{out}", "{out}/run.yaml", "ref-",
+                                     "--checkpoint.save=null", prepare=chain_config)
+
+
 @pytest.fixture(scope="module")
-def reshard(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("reshard")
-    result = launch(4, "reshard", out_dir)
-    return out_dir, result.stdout, read_ranks(out_dir, "reshard-", 4)
+def reshard(torchrun_jobs):
+    run = torchrun_jobs(RESHARD)
+    return run.out_dir, run.stdout, run.ranks("reshard-rank{rank}.json")
 
 
 def test_checkpoint_saved_at_tp2_pp2_loads_at_other_layouts(reshard, tmp_path):
@@ -153,16 +169,12 @@ def test_checkpoint_saved_at_tp2_pp2_loads_at_other_layouts(reshard, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
+def chain(tmp_path_factory, torchrun_jobs):
     """Reference, killed, SIGTERM-stopped and finishing runs of the same DP = 2 job."""
     out_dir = tmp_path_factory.mktemp("chain")
     save = out_dir / "ckpt"
-    config = out_dir / "run.yaml"
-    config.write_text(yaml.safe_dump(raw_config(out_dir / "data_cache", save,
-                                                train_iters=CHAIN_STEPS)))
-    runs = {}
-    launch(2, "run", out_dir, config, "ref-", "--checkpoint.save=null")
-    runs["reference"] = read_ranks(out_dir, "ref-", 2)
+    config = chain_config(out_dir)
+    runs = {"reference": torchrun_jobs(CHAIN_REFERENCE).ranks("ref-rank{rank}.json")}
 
     killed = Job(torchrun(2, "run", out_dir, config, "killed-"))
     killed.wait_for(r"saved .*iter_0000004")
