@@ -5,9 +5,10 @@ that asks for one (the ``torchrun_jobs`` fixture of tests/conftest.py) launches 
 job of that process count whose module was collected, one after the other in the same
 processes, each with its own output folder, ``sys.argv``, stdout and stderr.
 
-A worker that raises ends its launch (its traceback is that job's failure); jobs that had not
-started are relaunched without it, so a failing job fails only its own tests. A worker must
-leave no process group behind (``destroy_distributed``), as it must under its own torchrun.
+A worker that raises, or runs past ``LAUNCH_TIMEOUT_S``, ends its launch (its traceback is that
+job's failure); jobs that had not started are relaunched without it, so a failing job fails
+only its own tests. A worker must leave no process group behind (``destroy_distributed``), as
+it must under its own torchrun.
 
 Run by torchrun, this file is the runner: ``torchrun_batch.py SPEC.json``.
 """
@@ -16,6 +17,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -180,6 +182,12 @@ def _prefix_env_rendezvous(prefix: str) -> None:
 _ENV_HANDLER = {}
 
 
+def _time_out(stderr: Path) -> None:
+    with open(stderr, "a") as file:
+        file.write(f"\ntimed out after {LAUNCH_TIMEOUT_S} s\n")
+    os._exit(1)
+
+
 def _run_job(spec: dict, rank: int, seed: int) -> None:
     """Run one worker as torchrun would (``__main__``, its folder first on sys.path), its
     output in the job's folder."""
@@ -194,6 +202,10 @@ def _run_job(spec: dict, rank: int, seed: int) -> None:
     sys.path.insert(0, str(Path(spec["worker"]).parent))
     torch.manual_seed(seed)                   # the default generator as a fresh process has it
     _prefix_env_rendezvous(f"torchrun_batch/{spec['name']}")
+    # a hang (a rank waiting in a collective) ends the launch: exit from another thread
+    watchdog = threading.Timer(LAUNCH_TIMEOUT_S, _time_out, (out / f"stderr{rank}.txt",))
+    watchdog.daemon = True
+    watchdog.start()
     sys.stdout.flush(), sys.stderr.flush()
     fds = os.dup(1), os.dup(2)
     with open(out / f"stdout{rank}.txt", "w") as stdout, \
@@ -206,6 +218,7 @@ def _run_job(spec: dict, rank: int, seed: int) -> None:
             if exit_.code not in (None, 0):
                 raise
         finally:
+            watchdog.cancel()
             sys.stdout.flush(), sys.stderr.flush()
             os.dup2(fds[0], 1), os.dup2(fds[1], 2)
             os.close(fds[0]), os.close(fds[1])
