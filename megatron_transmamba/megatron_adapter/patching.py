@@ -322,18 +322,11 @@ class Polyfill(Patch):
 
 
 @dataclass(frozen=True)
-class Override(Patch):
-    """A method that the adapter's subclass ``subclass`` of a megatron-core class re-implements
-    (target: the megatron-core method). megatron-core itself is not changed, so apply and remove
-    do nothing; it is listed, and version-checked, because it copies or bypasses megatron-core
-    code that an upgrade may change."""
+class _Listed(Patch):
+    """An entry that changes nothing of megatron-core but depends on its method ``method``:
+    apply checks that the method exists, remove does nothing."""
 
     method: str = ""
-    subclass: str = ""
-
-    @property
-    def targets(self) -> Tuple[str, ...]:
-        return (f"{self.method} (overridden by {self.subclass})",)
 
     def apply(self):
         owner, name = resolve(self.method)
@@ -350,27 +343,27 @@ class Override(Patch):
 
 
 @dataclass(frozen=True)
-class PrivateCall(Patch):
+class Override(_Listed):
+    """A method that the adapter's subclass ``subclass`` of a megatron-core class re-implements
+    (target: the megatron-core method). megatron-core itself is not changed, so apply and remove
+    do nothing; it is listed, and version-checked, because it copies or bypasses megatron-core
+    code that an upgrade may change."""
+
+    subclass: str = ""
+
+    @property
+    def targets(self) -> Tuple[str, ...]:
+        return (f"{self.method} (overridden by {self.subclass})",)
+
+
+@dataclass(frozen=True)
+class PrivateCall(_Listed):
     """A private megatron-core method that the adapter's function ``caller`` calls (target: the
     method). Nothing of megatron-core changes; it is listed, and version-checked, because a
     private method may change or go in any release."""
 
-    method: str = ""
     caller: str = ""
 
     @property
     def targets(self) -> Tuple[str, ...]:
         return (f"{self.method} (called by {self.caller})",)
-
-    def apply(self):
-        owner, name = resolve(self.method)
-        if _own(owner, name) is _MISSING:
-            raise RuntimeError(f"megatron_adapter {self.name}: {self.method} does not exist")
-        return True
-
-    def remove(self, record) -> None:
-        return None
-
-    def snapshot(self) -> tuple:
-        owner, name = resolve(self.method)
-        return (_own(owner, name),)
