@@ -260,6 +260,24 @@ def ssd_step_naive(state, x, dt, A, B, C, D=None, z=None):
     return y.to(x.dtype), new.to(state.dtype)
 
 
+def _prepare_scan(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
+                  dt_softplus, dt_limit):
+    """The scans' shared prologue: check the inputs, find the documents, cast everything to the
+    scan dtype and process dt. Returns (dims, docs, x's dtype, (x, dt [B, T, H] processed, A, B,
+    C, D, z, initial_states))."""
+    dims = _check_inputs(x, dt, A, B, C, D, z, dt_bias, dt_limit)
+    packed = seq_idx is not None or cu_seqlens is not None
+    docs = _documents(dims, seq_idx, cu_seqlens)
+    _check_initial_states(initial_states, dims, len(docs), packed)
+    out_dtype = x.dtype
+    dtype = scan_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    x, dt, A, B, C, D, z, dt_bias, initial_states = (
+        None if t is None else t.to(dtype) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states)
+    )
+    dt = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit)  # [B, T, H]
+    return dims, docs, out_dtype, (x, dt, A, B, C, D, z, initial_states)
+
+
 def ssd_recurrent_naive(
     x,
     dt,
@@ -299,19 +317,10 @@ def ssd_recurrent_naive(
         y: [B, T, H, P] in x's dtype, or (y, final_states) with final_states [B, H, P, N]
         ([num_docs, H, P, N] when packed) in float32, or float64 for float64 inputs.
     """
-    dims = _check_inputs(x, dt, A, B, C, D, z, dt_bias, dt_limit)
-    packed = seq_idx is not None or cu_seqlens is not None
-    docs = _documents(dims, seq_idx, cu_seqlens)
-    _check_initial_states(initial_states, dims, len(docs), packed)
-    out_dtype = x.dtype
-    dtype = scan_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
-    x, dt, A, B, C, D, z, dt_bias, initial_states = (
-        None if t is None else t.to(dtype) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states)
-    )
+    dims, docs, out_dtype, (x, dt, A, B, C, D, z, initial_states) = _prepare_scan(
+        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_softplus, dt_limit)
     batch, seqlen, heads, head_dim = x.shape
     state_dim = dims.state_dim
-
-    dt = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit)  # [B, T, H]
     heads_per_group = heads // dims.groups
     B = B.repeat_interleave(heads_per_group, dim=2)  # [B, T, H, N]
     C = C.repeat_interleave(heads_per_group, dim=2)  # [B, T, H, N]
@@ -370,22 +379,13 @@ def chunk_ssd_naive(
     form. Any T works (documents are padded internally). Differentiable by autograd with
     respect to every tensor argument.
     """
-    dims = _check_inputs(x, dt, A, B, C, D, z, dt_bias, dt_limit)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    packed = seq_idx is not None or cu_seqlens is not None
-    docs = _documents(dims, seq_idx, cu_seqlens)
-    _check_initial_states(initial_states, dims, len(docs), packed)
-    out_dtype = x.dtype
-    dtype = scan_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
-    x, dt, A, B, C, D, z, dt_bias, initial_states = (
-        None if t is None else t.to(dtype) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states)
-    )
+    dims, docs, out_dtype, (x, dt, A, B, C, D, z, initial_states) = _prepare_scan(
+        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_softplus, dt_limit)
     batch, seqlen, heads, head_dim = x.shape
     state_dim = dims.state_dim
     groups, heads_per_group = dims.groups, dims.heads // dims.groups
-
-    dt = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit)  # [B, T, H]
     layout = _chunk_layout(docs, dims, chunk_size, x.device)
     R, NC, L = layout.rows, layout.num_chunks, chunk_size
 
