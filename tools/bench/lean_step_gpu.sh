@@ -26,15 +26,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
 out="${OUT:-runs/lean_step}"
 mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-mkdir -p /tmp/mtm_packages && ln -sfn "$root/kernels" /tmp/mtm_packages/transmamba_kernels
-export PYTHONPATH="/tmp/mtm_packages:$root:$PYTHONPATH" MTM_SKIP_SETUP=1 PYTHONUNBUFFERED=1
-export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/triton_cache}"
-py="${PYTHON:-python3}"
+source tools/bench/device_env.sh
 c=examples/configs
 common=(--steps 6 --warmup 2 --out-dir "$out")
 tm4="$c/transmamba_400m.yaml,$c/transformer_400m.yaml,$c/mamba2_400m.yaml,$c/hybrid_400m.yaml"

@@ -50,15 +50,7 @@ study=/tmp/paper_study
 previous="${PREVIOUS:-runs/paper_study_gpu.tar.gz}"
 budget="${TIME_BUDGET_S:-540}"
 
-if [ -z "${PYTHON:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-mkdir -p /tmp/mtm_packages && ln -sfn "$root/kernels" /tmp/mtm_packages/transmamba_kernels
-export PYTHONPATH="/tmp/mtm_packages:$root:${PYTHONPATH:-}" MTM_SKIP_SETUP=1 PYTHONUNBUFFERED=1
-export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/triton_cache}"
-py="${PYTHON:-python3}"
+source tools/bench/device_env.sh
 
 if [ -f "$previous" ]; then
   echo "unpacking the earlier chunks' study: $previous"
